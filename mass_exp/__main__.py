@@ -1,0 +1,4 @@
+from mass_exp.cli import evaluate
+
+if __name__ == "__main__":
+    evaluate()

@@ -1,0 +1,78 @@
+"""Hydra entry points. They only wire the config to `mass_exp.pipeline`; errors in user input exit with one line."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from mass_exp.errors import ConfigError
+
+log = logging.getLogger("mass_exp")
+
+
+def _config_dir() -> str:
+    """The `conf/` directory: $MASS_EXP_CONF, else the one beside the package (editable install / checkout)."""
+    env = os.environ.get("MASS_EXP_CONF")
+    if env:
+        return str(Path(env).resolve())
+    return str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def _quiet_third_party() -> None:
+    for name in ("root", "lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        import datasets
+
+        datasets.disable_progress_bars()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def _guarded(fn):
+    """Run `fn`; a ConfigError (bad user input) prints one line and exits with status 2."""
+
+    def wrapper(cfg: DictConfig):
+        _quiet_third_party()
+        try:
+            return fn(cfg)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+
+    wrapper.__name__ = fn.__name__
+    wrapper.__doc__ = fn.__doc__
+    return wrapper
+
+
+@_guarded
+def _evaluate(cfg: DictConfig) -> float:
+    from mass_exp.pipeline import run_evaluation
+
+    results = run_evaluation(cfg, Path(HydraConfig.get().runtime.output_dir))
+    return results["average"].get("normalized_acc", results["average"]["acc"])
+
+
+@_guarded
+def _finetune(cfg: DictConfig) -> None:
+    from mass_exp.pipeline import prepare_assets
+
+    assets = prepare_assets(cfg)
+    for task, path in zip(assets.tasks, assets.endpoint_files):
+        print(f"{task.name:<16}{path}")
+
+
+def evaluate() -> None:
+    """`mass-exp`: evaluate `method` (with `router`) on `suite`; writes results.json in the run directory."""
+    hydra.main(config_path=_config_dir(), config_name="config", version_base="1.3")(_evaluate)()
+
+
+def finetune() -> None:
+    """`mass-exp-finetune`: build (or find in the cache) the fine-tuned endpoints the config names, and list them."""
+    hydra.main(config_path=_config_dir(), config_name="config", version_base="1.3")(_finetune)()

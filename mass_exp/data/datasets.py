@@ -1,0 +1,153 @@
+"""Loading any task's splits the same way: HF `datasets` for the real tasks and for the generated mini suite."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from mass_exp.data.mini import GENERATOR_VERSION, SPLITS, generate_split, get_mini_task
+from mass_exp.data.tasks import TaskSpec
+from mass_exp.errors import ConfigError
+from mass_exp.utils.io import stable_hash
+
+log = logging.getLogger(__name__)
+
+
+def mini_dataset_key(task: str, gen: dict) -> str:
+    """Cache key of one generated task: everything that determines its images."""
+    return stable_hash({"task": task, "version": GENERATOR_VERSION, **gen})
+
+
+def build_mini_task(task: str, gen: dict, data_dir: str | os.PathLike) -> Path:
+    """Generate (or reuse) one mini task as a HF DatasetDict on disk; returns its directory.
+
+    `gen` holds seed, image_size, the split sizes (train/validation/test/pretrain) and pretrain_signed_share.
+    Written to a temporary directory and renamed, so a killed run never leaves a half-written dataset behind.
+    """
+    import datasets
+
+    spec = get_mini_task(task)
+    out = Path(data_dir) / f"mini-{task}-{mini_dataset_key(task, gen)}"
+    if (out / "dataset_dict.json").exists():
+        return out
+    t0 = time.time()
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=list(spec.classnames))}
+    )
+    splits = {}
+    for split in SPLITS:
+        n = int(gen[f"{split}_size"])
+        images, labels = generate_split(spec, split, n, int(gen["seed"]), int(gen["image_size"]),
+                                        float(gen["pretrain_signed_share"]))
+        from PIL import Image
+
+        splits[split] = datasets.Dataset.from_dict(
+            {"image": [Image.fromarray(im) for im in images], "label": labels.tolist()}, features=features
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        datasets.DatasetDict(splits).save_to_disk(str(tmp))
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("generated mini task %s (%s) in %.1fs -> %s", task,
+             ", ".join(f"{s}={len(d)}" for s, d in splits.items()), time.time() - t0, out)
+    return out
+
+
+def carve_validation(n_train: int, fraction: float = 0.1, max_samples: int = 5000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train_rest, validation) of the TSV/TALL-masks protocol: 10% of train, at most 5000, fixed seed."""
+    n_val = min(int(n_train * fraction), max_samples)
+    perm = np.random.default_rng(seed).permutation(n_train)
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+def load_split(task: TaskSpec, split: str, *, mini_dirs: dict[str, Path] | None = None,
+               local_dirs: dict[str, str] | None = None, cache_dir: str | None = None):
+    """A task's split as a HF `datasets.Dataset` with columns image / label.
+
+    `split` is "train", "validation" or "test"; the task's own names are resolved here (e.g. Food101's test split is
+    called "validation"). Validation without a dedicated split is carved from train (see `carve_validation`), and
+    "train" then excludes the carved samples.
+    """
+    import datasets
+
+    if task.source == "mini":
+        if not mini_dirs or task.name not in mini_dirs:
+            raise ConfigError(f"mini task {task.name!r} has not been generated; run with endpoints=mini")
+        dd = datasets.load_from_disk(str(mini_dirs[task.name]))
+        return dd[split]
+    local = (local_dirs or {}).get(task.name)
+    if split == "test":
+        real_split = task.test_split
+    elif task.val_split is not None:
+        real_split = "train" if split == "train" else task.val_split
+    else:
+        real_split = "train"
+    if local:
+        path = Path(local)
+        if not path.exists():
+            raise ConfigError(f"local dataset directory for task {task.name!r} does not exist: {path}")
+        if (path / "dataset_dict.json").exists():
+            ds = datasets.load_from_disk(str(path))[real_split]
+        elif (path / "dataset_info.json").exists():
+            ds = datasets.load_from_disk(str(path))
+        else:
+            ds = datasets.load_dataset("imagefolder", data_dir=str(path), split=real_split)
+    else:
+        if task.hf_dataset is None:
+            raise ConfigError(f"task {task.name!r} has no HF dataset id; give a local copy with data.local_dirs.{task.name}=<dir>")
+        ds = datasets.load_dataset(task.hf_dataset, task.hf_config, split=real_split, cache_dir=cache_dir)
+    if task.image_column != "image":
+        ds = ds.rename_column(task.image_column, "image")
+    if task.label_column != "label":
+        ds = ds.rename_column(task.label_column, "label")
+    if split in ("train", "validation") and task.val_split is None:
+        rest, val = carve_validation(len(ds))
+        ds = ds.select(val if split == "validation" else rest)
+    return ds
+
+
+class ImageClassificationDataset(Dataset):
+    """(image tensor, label) pairs from a HF dataset through the backbone's transform.
+
+    Small datasets (the mini suite) are decoded and transformed once and kept in memory, so fine-tuning epochs and
+    repeated evaluations do not pay for PNG decoding again.
+    """
+
+    def __init__(self, hf_dataset: Any, transform: Callable, limit: int | None = None, in_memory: bool | None = None):
+        if limit is not None and limit < len(hf_dataset):
+            hf_dataset = hf_dataset.select(range(limit))
+        self.ds = hf_dataset
+        self.transform = transform
+        if in_memory is None:
+            in_memory = len(hf_dataset) <= 20000
+        self._images: torch.Tensor | None = None
+        self._labels: torch.Tensor | None = None
+        if in_memory:
+            cols = hf_dataset[:]
+            self._images = torch.stack([transform(im.convert("RGB")) for im in cols["image"]])
+            self._labels = torch.as_tensor(cols["label"], dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        if self._images is not None:
+            return self._images[i], int(self._labels[i])
+        row = self.ds[int(i)]
+        return self.transform(row["image"].convert("RGB")), int(row["label"])
+
+
+def label_sequence(ds: Sequence) -> list[int]:
+    return [int(x) for x in ds["label"]]

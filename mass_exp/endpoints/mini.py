@@ -1,0 +1,152 @@
+"""The mini suite's own assets: generated datasets, a pretrained tiny CLIP and one fine-tuned endpoint per task.
+
+Everything is cached under `cache_dir`, keyed by a hash of what determines it, and built only when missing:
+data <- generator settings; pretrained CLIP <- architecture + every task's data + pretraining settings;
+endpoint <- pretrained CLIP + its task's data + fine-tuning settings.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from mass_exp.data.datasets import ImageClassificationDataset, build_mini_task, load_split, mini_dataset_key
+from mass_exp.data.tasks import TaskSpec
+from mass_exp.finetune.modules import ContrastivePretrainModule, FinetuneModule
+from mass_exp.models.clip import create_clip
+from mass_exp.models.heads import build_zeroshot_head
+from mass_exp.utils.io import load_tensors, save_tensors, stable_hash
+
+log = logging.getLogger(__name__)
+
+OPENAI_LOGIT_SCALE = math.log(100.0)
+
+
+@dataclass(frozen=True)
+class MiniAssets:
+    data_dirs: dict[str, Path]
+    pretrained_file: Path  # full CLIP state dict (both towers)
+    pretrained_key: str
+    endpoint_files: dict[str, Path]  # image-tower state dicts
+    endpoint_keys: dict[str, str]
+
+
+class _CaptionedImages(Dataset):
+    """Pretraining pairs: an image and one of its task's templates filled with its class name, drawn at random."""
+
+    def __init__(self, parts: Sequence[tuple[ImageClassificationDataset, int]], tokens: torch.Tensor, seed: int):
+        self.items = [(ds, offset, i) for ds, offset in parts for i in range(len(ds))]
+        self.tokens = tokens  # (num global classes, num templates, context)
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, idx: int):
+        ds, offset, i = self.items[idx]
+        image, label = ds[i]
+        g = offset + label
+        t = int(torch.randint(self.tokens.shape[1], (1,), generator=self.gen))
+        return image, self.tokens[g, t], g
+
+
+def _trainer(trainer_cfg: Mapping[str, Any], max_steps: int = -1, max_epochs: int | None = None) -> L.Trainer:
+    return L.Trainer(
+        accelerator=trainer_cfg.get("accelerator", "auto"), devices=1, max_steps=max_steps, max_epochs=max_epochs,
+        logger=False, enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
+        enable_progress_bar=trainer_cfg.get("enable_progress_bar", True), deterministic=False,
+    )
+
+
+def pretrain_tiny_clip(arch: str, tasks: Sequence[TaskSpec], data_dirs: Mapping[str, Path], cfg: Mapping[str, Any],
+                       trainer_cfg: Mapping[str, Any], seed: int) -> dict[str, torch.Tensor]:
+    """Contrastive pretraining of a randomly initialised CLIP on the tasks' `pretrain` splits (plain images)."""
+    L.seed_everything(seed, verbose=False)
+    model, preprocess, tokenizer = create_clip(arch, None)
+    parts, offset, all_tokens = [], 0, []
+    n_templates = max(len(t.templates) for t in tasks)
+    for task in tasks:
+        ds = ImageClassificationDataset(load_split(task, "pretrain", mini_dirs=dict(data_dirs)), preprocess)
+        parts.append((ds, offset))
+        offset += task.num_classes
+        for cls in task.classnames:
+            prompts = task.prompts(cls)
+            prompts = (prompts * n_templates)[:n_templates]
+            all_tokens.append(tokenizer(prompts))
+    tokens = torch.stack(all_tokens)
+    data = _CaptionedImages(parts, tokens, seed)
+    loader = DataLoader(data, batch_size=int(cfg["batch_size"]), shuffle=True, drop_last=True,
+                        generator=torch.Generator().manual_seed(seed))
+    steps = int(cfg["steps"])
+    module = ContrastivePretrainModule(model, float(cfg["lr"]), float(cfg["weight_decay"]), int(cfg["warmup_steps"]), steps)
+    model.train()
+    t0 = time.time()
+    _trainer(trainer_cfg, max_steps=steps).fit(module, loader)
+    model.eval()
+    with torch.no_grad():  # OpenAI CLIP's temperature; the frozen heads are scaled by it (MINI_BENCHMARK notes)
+        model.logit_scale.fill_(OPENAI_LOGIT_SCALE)
+    log.info("pretrained tiny CLIP: %d steps x %d pairs in %.1fs", steps, cfg["batch_size"], time.time() - t0)
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def finetune_endpoint(arch: str, pretrained: Mapping[str, torch.Tensor], task: TaskSpec, data_dir: Path,
+                      cfg: Mapping[str, Any], trainer_cfg: Mapping[str, Any], seed: int) -> tuple[dict[str, torch.Tensor], float]:
+    """Fine-tune the image tower on one task with its frozen zero-shot head; returns (visual state dict, val acc)."""
+    L.seed_everything(seed, verbose=False)
+    model, preprocess, tokenizer = create_clip(arch, None)
+    model.load_state_dict(pretrained)
+    head = build_zeroshot_head(model, tokenizer, task)
+    mini_dirs = {task.name: data_dir}
+    train = ImageClassificationDataset(load_split(task, "train", mini_dirs=mini_dirs), preprocess)
+    val = ImageClassificationDataset(load_split(task, "validation", mini_dirs=mini_dirs), preprocess)
+    bs = int(cfg["batch_size"])
+    train_loader = DataLoader(train, batch_size=bs, shuffle=True, drop_last=True,
+                              generator=torch.Generator().manual_seed(seed))
+    val_loader = DataLoader(val, batch_size=256)
+    steps = int(cfg["epochs"]) * len(train_loader)
+    visual = model.visual
+    visual.train()
+    module = FinetuneModule(visual, head, float(cfg["lr"]), float(cfg["weight_decay"]), int(cfg["warmup_steps"]), steps)
+    trainer = _trainer(trainer_cfg, max_epochs=int(cfg["epochs"]))
+    trainer.fit(module, train_loader, val_loader)
+    visual.eval()
+    val_acc = float(trainer.callback_metrics.get("finetune/val_acc", torch.tensor(float("nan"))))
+    return {k: v.detach().cpu() for k, v in visual.state_dict().items()}, val_acc
+
+
+def prepare_mini_assets(arch: str, tasks: Sequence[TaskSpec], generator: Mapping[str, Any], pretrain: Mapping[str, Any],
+                        finetune: Mapping[str, Any], trainer_cfg: Mapping[str, Any], cache_dir: str | Path,
+                        seed: int = 0) -> MiniAssets:
+    """Build whatever is missing of the mini suite (data, pretrained CLIP, endpoints) and return the cached files."""
+    cache = Path(cache_dir)
+    gen = dict(generator)
+    data_dirs = {t.name: build_mini_task(t.name, gen, cache / "data") for t in tasks}
+    data_keys = {t.name: mini_dataset_key(t.name, gen) for t in tasks}
+
+    pre_key = stable_hash({"arch": arch, "data": data_keys, "pretrain": dict(pretrain), "seed": seed})
+    pre_file = cache / "mini" / f"pretrained-{arch}-{pre_key}.safetensors"
+    if not pre_file.exists():
+        log.info("pretraining the tiny CLIP (cache miss %s)", pre_file.name)
+        save_tensors(pre_file, pretrain_tiny_clip(arch, tasks, data_dirs, pretrain, trainer_cfg, seed),
+                     metadata={"kind": "mini-pretrained", "key": pre_key})
+    pretrained = None
+    endpoint_files, endpoint_keys = {}, {}
+    for i, task in enumerate(tasks):
+        key = stable_hash({"pretrained": pre_key, "data": data_keys[task.name], "finetune": dict(finetune), "seed": seed})
+        path = cache / "mini" / f"finetuned-{task.name}-{key}.safetensors"
+        if not path.exists():
+            pretrained = pretrained if pretrained is not None else load_tensors(pre_file)
+            t0 = time.time()
+            state, val_acc = finetune_endpoint(arch, pretrained, task, data_dirs[task.name], finetune, trainer_cfg, seed + 1 + i)
+            save_tensors(path, state, metadata={"kind": "mini-finetuned", "task": task.name, "key": key})
+            log.info("fine-tuned %s in %.1fs: validation accuracy %.1f%%", task.name, time.time() - t0, 100 * val_acc)
+        endpoint_files[task.name], endpoint_keys[task.name] = path, key
+    return MiniAssets(data_dirs, pre_file, pre_key, endpoint_files, endpoint_keys)

@@ -1,0 +1,64 @@
+"""The one Lightning module that evaluates any method on every task of a suite.
+
+Each task is one test dataloader (dataloader_idx = task index). Per-task correct/total counts are torchmetrics
+`SumMetric`s, so they are exact and reduced across ranks under DDP.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import lightning as L
+import torch
+from torch import nn
+from torchmetrics.aggregation import SumMetric
+
+from mass_exp.evaluation.predictors import Predictor
+
+
+class EvaluationModule(L.LightningModule):
+    """Runs a `Predictor` over each task's test set; logs acc/test/<task>, normalized_acc/test/<task> and averages.
+
+    A prediction is correct only if the predicted task is the sample's task and the class matches (spec, MASS step 7).
+    """
+
+    def __init__(self, predictor: Predictor, task_names: Sequence[str],
+                 reference_acc: Mapping[str, float] | None = None, split: str = "test"):
+        super().__init__()
+        self.predictor = predictor
+        self.task_names = list(task_names)
+        self.reference_acc = dict(reference_acc or {})
+        self.split = split
+        self.correct = nn.ModuleList([SumMetric() for _ in task_names])
+        self.total = nn.ModuleList([SumMetric() for _ in task_names])
+        self.results: dict[str, dict] = {}
+
+    def test_step(self, batch, batch_idx: int, dataloader_idx: int = 0):
+        images, labels = batch
+        out = self.predictor.predict(images, dataloader_idx)
+        ok = (out["pred_task"] == dataloader_idx) & (out["pred_class"] == labels)
+        self.correct[dataloader_idx].update(ok.sum().float())
+        self.total[dataloader_idx].update(torch.tensor(float(len(labels)), device=labels.device))
+
+    def on_test_epoch_end(self) -> None:
+        per_task = {}
+        for i, name in enumerate(self.task_names):
+            correct, total = int(self.correct[i].compute().item()), int(self.total[i].compute().item())
+            acc = correct / total if total else float("nan")
+            entry = {"acc": acc, "correct": correct, "samples": total}
+            ref = self.reference_acc.get(name)
+            if ref is not None:
+                entry["finetuned_acc"] = ref
+                entry["normalized_acc"] = acc / ref if ref > 0 else float("nan")
+            per_task[name] = entry
+        self.results = per_task
+        s = self.split
+        for name, e in per_task.items():
+            self.log(f"acc/{s}/{name}", 100 * e["acc"], sync_dist=False, rank_zero_only=True)
+            if "normalized_acc" in e:
+                self.log(f"normalized_acc/{s}/{name}", 100 * e["normalized_acc"], rank_zero_only=True)
+        accs = [e["acc"] for e in per_task.values()]
+        self.log(f"acc/{s}/avg", 100 * sum(accs) / len(accs), rank_zero_only=True)
+        norms = [e["normalized_acc"] for e in per_task.values() if "normalized_acc" in e]
+        if len(norms) == len(accs):
+            self.log(f"normalized_acc/{s}/avg", 100 * sum(norms) / len(norms), rank_zero_only=True)

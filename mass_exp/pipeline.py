@@ -1,0 +1,272 @@
+"""Wiring: a resolved config in, a finished evaluation (results.json, logs, table) out. No math lives here."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+
+from mass_exp.data.datasets import ImageClassificationDataset, load_split
+from mass_exp.data.tasks import TaskSpec, get_tasks
+from mass_exp.endpoints.mini import prepare_mini_assets
+from mass_exp.errors import ConfigError
+from mass_exp.evaluation.module import EvaluationModule
+from mass_exp.evaluation.predictors import PerTaskPredictor, Predictor, StaticPredictor
+from mass_exp.merging.registry import get_merger
+from mass_exp.merging.task_vectors import LazyStateDict
+from mass_exp.models.clip import create_clip
+from mass_exp.models.heads import load_or_build_heads
+from mass_exp.utils.io import atomic_write_json, load_tensors, save_tensors, stable_hash
+
+log = logging.getLogger(__name__)
+
+RESERVED_METHOD_KEYS = {"name", "alpha", "alpha_protocol", "alpha_grid"}
+
+
+@dataclass
+class Assets:
+    """Everything a run evaluates: the backbone with its heads, the endpoint files and the data of each task."""
+
+    tasks: list[TaskSpec]
+    model: torch.nn.Module  # the pretrained CLIP (both towers)
+    preprocess: Any
+    heads: dict[str, torch.Tensor]
+    pretrained_visual_file: Path
+    endpoint_files: list[Path]
+    weights_id: str  # identifies the pretrained weights (for cache keys)
+    endpoints_id: str  # identifies the set of endpoints (for cache keys)
+    mini_dirs: dict[str, Path] = field(default_factory=dict)
+    reference_source: str = "measured"
+
+
+def _cache_dir(cfg: DictConfig) -> Path:
+    return Path(cfg.paths.cache_dir)
+
+
+def prepare_assets(cfg: DictConfig) -> Assets:
+    """Build or load the backbone, heads and endpoints that `cfg` asks for (building mini ones when missing)."""
+    tasks = get_tasks(list(cfg.suite.tasks))
+    source = cfg.endpoints.source
+    cache = _cache_dir(cfg)
+    if source != "mini":
+        raise ConfigError(f"endpoints source {source!r} is not available yet; use endpoints=mini")
+    if cfg.backbone.pretrained is not None:
+        raise ConfigError("endpoints=mini builds its own pretrained tiny CLIP: set backbone=tiny (backbone.pretrained=null)")
+    mini = prepare_mini_assets(
+        cfg.backbone.arch, tasks, OmegaConf.to_container(cfg.suite.generator), OmegaConf.to_container(cfg.endpoints.pretrain),
+        OmegaConf.to_container(cfg.endpoints.finetune), OmegaConf.to_container(cfg.trainer), cache, seed=int(cfg.seed),
+    )
+    model, preprocess, tokenizer = create_clip(cfg.backbone.arch, None)
+    model.load_state_dict(load_tensors(mini.pretrained_file))
+    visual_file = mini.pretrained_file.with_name(mini.pretrained_file.stem + "-visual.safetensors")
+    if not visual_file.exists():
+        save_tensors(visual_file, model.visual.state_dict(), metadata={"kind": "pretrained-visual"})
+    heads = load_or_build_heads(model, tokenizer, tasks, backbone=cfg.backbone.name, weights_id=mini.pretrained_key,
+                                cache_dir=cache / "heads")
+    return Assets(tasks, model, preprocess, heads, visual_file, [mini.endpoint_files[t.name] for t in tasks],
+                  weights_id=mini.pretrained_key, endpoints_id=stable_hash(mini.endpoint_keys),
+                  mini_dirs=mini.data_dirs)
+
+
+def make_loaders(cfg: DictConfig, assets: Assets, split: str) -> list[DataLoader]:
+    limit = cfg.eval.max_samples_per_task
+    loaders = []
+    for task in assets.tasks:
+        hf = load_split(task, split, mini_dirs=assets.mini_dirs, cache_dir=cfg.paths.hf_cache_dir)
+        ds = ImageClassificationDataset(hf, assets.preprocess, limit=limit)
+        loaders.append(DataLoader(ds, batch_size=int(cfg.eval.batch_size), num_workers=int(cfg.eval.num_workers),
+                                  shuffle=False))
+    return loaders
+
+
+def method_kwargs(method_cfg: DictConfig) -> dict[str, Any]:
+    return {k: v for k, v in OmegaConf.to_container(method_cfg, resolve=True).items() if k not in RESERVED_METHOD_KEYS}
+
+
+def build_predictor(cfg: DictConfig, assets: Assets, alpha: float | None) -> Predictor:
+    """The method's model(s) as a predictor. Static mergers merge once; per-task ones merge when the task changes."""
+    spec = get_merger(cfg.method.name)
+    kwargs = method_kwargs(cfg.method)
+    if alpha is not None:
+        kwargs["alpha"] = alpha
+    pretrained = LazyStateDict(assets.pretrained_visual_file)
+    finetuned = [LazyStateDict(p) for p in assets.endpoint_files]
+    if spec.uses_factors:
+        from mass_exp.merging.factors import load_or_build_factor_store
+
+        kwargs["factors"] = load_or_build_factor_store(
+            _cache_dir(cfg) / "factors", assets.pretrained_visual_file, assets.endpoint_files, cfg.backbone.name)
+    heads = [assets.heads[t.name] for t in assets.tasks]
+    visual = _fresh_visual(assets)
+    if spec.per_task:
+        return PerTaskPredictor(visual, heads, lambda t: spec.fn(pretrained, finetuned, task=t, **kwargs))
+    t0 = time.time()
+    merged = spec.fn(pretrained, finetuned, **kwargs)
+    visual.load_state_dict(merged)
+    log.info("merged %d endpoints with %s (alpha=%s) in %.2fs", len(finetuned), spec.name, alpha, time.time() - t0)
+    return StaticPredictor(visual, heads)
+
+
+def _fresh_visual(assets: Assets) -> torch.nn.Module:
+    import copy
+
+    return copy.deepcopy(assets.model.visual).eval()
+
+
+def _trainer(cfg: DictConfig, logger: Any = False) -> L.Trainer:
+    t = cfg.trainer
+    return L.Trainer(accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
+                     precision=t.precision, logger=logger, enable_checkpointing=False, enable_model_summary=False,
+                     enable_progress_bar=bool(t.enable_progress_bar))
+
+
+def evaluate_predictor(cfg: DictConfig, assets: Assets, predictor: Predictor, loaders: Sequence[DataLoader],
+                       reference: Mapping[str, float] | None, split: str, logger: Any = False) -> dict[str, dict]:
+    module = EvaluationModule(predictor, [t.name for t in assets.tasks], reference, split=split)
+    _trainer(cfg, logger).test(module, dataloaders=list(loaders), verbose=False)
+    return module.results
+
+
+def finetuned_accuracies(cfg: DictConfig, assets: Assets, split: str, loaders: Sequence[DataLoader]) -> dict[str, float]:
+    """Each endpoint's accuracy on its own task (the normalized-accuracy reference), measured once and cached."""
+    key = stable_hash({"endpoints": assets.endpoints_id, "split": split, "limit": cfg.eval.max_samples_per_task,
+                       "heads": assets.weights_id, "tasks": [t.name for t in assets.tasks]})
+    path = _cache_dir(cfg) / "reference" / f"finetuned-acc-{split}-{key}.json"
+    if path.exists():
+        import json
+
+        return json.loads(path.read_text())
+    finetuned = [LazyStateDict(p) for p in assets.endpoint_files]
+    predictor = PerTaskPredictor(_fresh_visual(assets), [assets.heads[t.name] for t in assets.tasks],
+                                 lambda t: finetuned[t])
+    log.info("measuring the fine-tuned endpoints' %s accuracy (reference for normalized accuracy)", split)
+    res = evaluate_predictor(cfg, assets, predictor, loaders, None, split)
+    acc = {name: e["acc"] for name, e in res.items()}
+    atomic_write_json(path, acc)
+    return acc
+
+
+def _averages(per_task: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    accs = [e["acc"] for e in per_task.values()]
+    out = {"acc": sum(accs) / len(accs)}
+    norms = [e.get("normalized_acc") for e in per_task.values()]
+    if all(n is not None for n in norms):
+        out["normalized_acc"] = sum(norms) / len(norms)
+    return out
+
+
+def choose_alpha(cfg: DictConfig, assets: Assets) -> tuple[float | None, list[dict]]:
+    """The coefficient and, under the validation protocol, the whole sweep curve.
+
+    Validation protocol (spec, "Coefficient protocol"): evaluate every alpha of the grid on the validation splits
+    and keep the best average normalized validation accuracy; the test set is then evaluated once.
+    """
+    m = cfg.method
+    protocol = m.get("alpha_protocol", "fixed")
+    if m.alpha is None and protocol == "fixed":
+        return None, []
+    if protocol == "fixed":
+        return float(m.alpha), []
+    if protocol != "validation":
+        raise ConfigError(f"method.alpha_protocol must be 'fixed' or 'validation', got {protocol!r}")
+    grid = list(m.alpha_grid or [])
+    if not grid:
+        raise ConfigError(f"method.alpha_protocol=validation needs a non-empty method.alpha_grid for {m.name}")
+    loaders = make_loaders(cfg, assets, "validation")
+    reference = finetuned_accuracies(cfg, assets, "validation", loaders)
+    curve = []
+    for a in grid:
+        res = evaluate_predictor(cfg, assets, build_predictor(cfg, assets, float(a)), loaders, reference, "validation")
+        avg = _averages(res)
+        curve.append({"alpha": float(a), **avg})
+        log.info("alpha %.3g: validation acc %.2f, normalized %.2f", a, 100 * avg["acc"], 100 * avg["normalized_acc"])
+    best = max(curve, key=lambda c: c["normalized_acc"])
+    log.info("chose alpha=%.3g (validation normalized acc %.2f)", best["alpha"], 100 * best["normalized_acc"])
+    return best["alpha"], curve
+
+
+def make_logger(cfg: DictConfig, output_dir: Path) -> Any:
+    name = cfg.logger.name
+    if name == "none":
+        return False
+    if name == "csv":
+        from lightning.pytorch.loggers import CSVLogger
+
+        return CSVLogger(save_dir=str(output_dir), name="csv")
+    if name == "wandb":
+        from lightning.pytorch.loggers import WandbLogger
+
+        return WandbLogger(project=cfg.logger.project, entity=cfg.logger.entity, group=cfg.logger.group,
+                           tags=list(cfg.logger.tags or []), name=cfg.run_name, save_dir=str(output_dir),
+                           mode=cfg.logger.mode, config=OmegaConf.to_container(cfg, resolve=True))
+    raise ConfigError(f"unknown logger.name {name!r}; valid: wandb, csv, none")
+
+
+def run_evaluation(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
+    """The `mass-exp` job: assets -> coefficient -> test evaluation -> results.json, logs and table."""
+    t0 = time.time()
+    L.seed_everything(int(cfg.seed), verbose=False)
+    assets = prepare_assets(cfg)
+    test_loaders = make_loaders(cfg, assets, "test")
+    reference = finetuned_accuracies(cfg, assets, "test", test_loaders)
+    alpha, curve = choose_alpha(cfg, assets)
+    predictor = build_predictor(cfg, assets, alpha)
+    logger = make_logger(cfg, output_dir)
+    per_task = evaluate_predictor(cfg, assets, predictor, test_loaders, reference, "test", logger)
+    results = {
+        "status": "complete",
+        "method": cfg.method.name,
+        "router": cfg.router.name,
+        "backbone": cfg.backbone.name,
+        "suite": cfg.suite.name,
+        "alpha": alpha,
+        "alpha_protocol": cfg.method.get("alpha_protocol", "fixed") if alpha is not None else None,
+        "alpha_sweep": curve,
+        "finetuned_acc_source": f"measured ({cfg.endpoints.source} endpoints, test split)",
+        "tasks": per_task,
+        "average": _averages(per_task),
+        "seconds": time.time() - t0,
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    if logger:
+        _log_summary(logger, results)
+    atomic_write_json(output_dir / "results.json", results)
+    print(format_table(results))
+    log.info("results written to %s", output_dir / "results.json")
+    return results
+
+
+def _log_summary(logger: Any, results: Mapping[str, Any]) -> None:
+    from lightning.pytorch.loggers import WandbLogger
+
+    if isinstance(logger, WandbLogger):
+        import wandb
+
+        rows = [[n, 100 * e["acc"], 100 * e.get("normalized_acc", math.nan), e["samples"]] for n, e in results["tasks"].items()]
+        logger.experiment.log({"results": wandb.Table(columns=["task", "acc", "normalized_acc", "samples"], data=rows)})
+        logger.experiment.summary["alpha"] = results["alpha"]
+        logger.experiment.finish()
+
+
+def format_table(results: Mapping[str, Any]) -> str:
+    """A readable per-task table of absolute and normalized accuracy."""
+    head = f"{results['method']} / router {results['router']} / {results['backbone']} / suite {results['suite']}"
+    if results.get("alpha") is not None:
+        head += f" / alpha {results['alpha']:g} ({results['alpha_protocol']})"
+    lines = [head, f"{'task':<16}{'acc':>8}{'finetuned':>11}{'normalized':>12}{'samples':>9}"]
+    for name, e in results["tasks"].items():
+        ft = e.get("finetuned_acc")
+        norm = e.get("normalized_acc")
+        lines.append(f"{name:<16}{100 * e['acc']:>8.2f}{(100 * ft if ft is not None else math.nan):>11.2f}"
+                     f"{(100 * norm if norm is not None else math.nan):>12.2f}{e['samples']:>9d}")
+    avg = results["average"]
+    lines.append(f"{'average':<16}{100 * avg['acc']:>8.2f}{'':>11}{100 * avg.get('normalized_acc', math.nan):>12.2f}")
+    return "\n".join(lines)
