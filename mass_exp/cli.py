@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -68,11 +69,37 @@ def _finetune(cfg: DictConfig) -> None:
         print(f"{task.name:<16}{path}")
 
 
+_NUMERIC = re.compile(r"^\d+(\.\d+)?$")
+
+
+def quote_numeric_group_choices(argv: list[str], groups: set[str]) -> list[str]:
+    """Quote numeric config-group choices (`suite=8` -> `suite='8'`, sweeps too).
+
+    Hydra parses `8` as an int and refuses it as a group choice; the suites are named after their task counts.
+    """
+    out = []
+    for arg in argv:
+        m = re.match(r"^([~+]{0,2})([\w/]+)=(.+)$", arg)
+        if m and m.group(2) in groups:
+            items = m.group(3).split(",")
+            if all(_NUMERIC.match(i) for i in items):
+                arg = f"{m.group(1)}{m.group(2)}=" + ",".join(f"'{i}'" for i in items)
+        out.append(arg)
+    return out
+
+
+def _run(task) -> None:
+    conf = _config_dir()
+    groups = {p.name for p in Path(conf).iterdir() if p.is_dir()}
+    sys.argv = [sys.argv[0]] + quote_numeric_group_choices(sys.argv[1:], groups)
+    hydra.main(config_path=conf, config_name="config", version_base="1.3")(task)()
+
+
 def evaluate() -> None:
     """`mass-exp`: evaluate `method` (with `router`) on `suite`; writes results.json in the run directory."""
-    hydra.main(config_path=_config_dir(), config_name="config", version_base="1.3")(_evaluate)()
+    _run(_evaluate)
 
 
 def finetune() -> None:
     """`mass-exp-finetune`: build (or find in the cache) the fine-tuned endpoints the config names, and list them."""
-    hydra.main(config_path=_config_dir(), config_name="config", version_base="1.3")(_finetune)()
+    _run(_finetune)

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from mass_exp.merging.task_vectors import StateDict, check_endpoints, compose
+from mass_exp.merging.task_vectors import LazyStateDict, StateDict, check_endpoints, compose
 
 __all__ = ["finetuned", "resolve_alpha", "task_arithmetic", "weight_average", "zeroshot"]
 
@@ -28,6 +28,8 @@ def zeroshot(
 ) -> dict[str, torch.Tensor]:
     """θ = θ_pre (the endpoints and α are ignored)."""
     del finetuned, alpha
+    if isinstance(pretrained, LazyStateDict) and not pretrained.mmap:
+        return {k: pretrained[k] for k in pretrained}  # already fresh copies
     return {k: pretrained[k].clone() for k in pretrained}
 
 

@@ -98,8 +98,8 @@ def truncated_svd(
     """Rank-k truncated SVD Δ ≈ U diag(σ) Vᵀ (spec "Notation"); returns U (m×k), σ (k), V (n×k), float32.
 
     ``svd="exact"`` uses ``torch.linalg.svd(full_matrices=False)``; ``"randomized"`` uses ``torch.svd_lowrank``
-    with ``k + oversample`` columns and ``niter`` power iterations (falls back to exact when that is not smaller
-    than min(m, n)). The randomized sketch is seeded, so results are deterministic.
+    with ``k + oversample`` columns and ``niter`` power iterations; it falls back to exact when the sketch is
+    wider than min(m, n)/4 (there the exact SVD is as fast). The sketch is seeded, so results are deterministic.
     """
     if svd not in SVD_METHODS:
         raise ValueError(f"svd must be one of {SVD_METHODS}, got {svd!r}")
@@ -107,7 +107,10 @@ def truncated_svd(
     m, n = a.shape
     k = max(1, min(int(k), m, n))
     q = k + int(oversample)
-    if svd == "exact" or q >= min(m, n):
+    if svd == "exact" or 4 * q > min(m, n):
+        if m < n:  # LAPACK is markedly faster on tall matrices: factor Δᵀ = V Σ Uᵀ instead
+            v, s, uh = torch.linalg.svd(a.T, full_matrices=False)
+            return uh[:k].T.contiguous(), s[:k].contiguous(), v[:, :k].contiguous()
         u, s, vh = torch.linalg.svd(a, full_matrices=False)
         return u[:, :k].contiguous(), s[:k].contiguous(), vh[:k].T.contiguous()
     devices = [a.device] if a.device.type == "cuda" else []

@@ -21,9 +21,12 @@ def iso_c_matrix(total: torch.Tensor) -> torch.Tensor:
 
 def iso_cts_split(r: int, num_tasks: int, common_space_fraction: float = 0.8) -> tuple[int, int]:
     """(common directions, directions per task) for Iso-CTS, as the reference code: common = int(r·f), then the
-    task-specific total is rounded (Python ``round``) to a multiple of T and common takes the remainder."""
+    task-specific total is rounded (Python ``round``) to a multiple of T and common takes the remainder.
+    Always ``common + T·per_task == r``."""
     common = int(r * common_space_fraction)
     specific_total = round((r - common) / num_tasks) * num_tasks
+    if specific_total > r:  # degenerate tiny matrices only (the reference code would slice with a negative index)
+        specific_total = (r // num_tasks) * num_tasks
     common = r - specific_total
     per_task = int((r - common) / num_tasks)
     return common, per_task

@@ -38,26 +38,61 @@ __all__ = [
 
 
 class LazyStateDict(Mapping[str, torch.Tensor]):
-    """Read-only mapping over a safetensors file; each ``__getitem__`` loads one tensor (memory-mapped).
+    """Read-only mapping over a safetensors file; each ``__getitem__`` loads one tensor.
 
+    The file is validated and its header read with ``safetensors.safe_open``. By default tensors are then read with
+    ``os.pread`` into fresh memory: nothing stays mapped, so reading every tensor of T endpoints does not inflate the
+    process RSS with file pages (a persistent ``safe_open`` handle keeps every touched page mapped and counted).
+    ``mmap=True`` keeps a ``safe_open`` handle and returns its (memory-mapped) tensors instead.
     ``shape(key)`` and ``dtype(key)`` answer from the header without loading the tensor.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, mmap: bool = False) -> None:
         self.path = Path(path)
+        self.mmap = bool(mmap)
         if not self.path.is_file():
             raise FileNotFoundError(f"safetensors file not found: {self.path}")
         self._open()
 
     def _open(self) -> None:
-        self._handle = safe_open(str(self.path), framework="pt", device="cpu")
-        self._keys: list[str] = list(self._handle.keys())
-        self._key_set = set(self._keys)
+        with safe_open(str(self.path), framework="pt", device="cpu") as f:  # validates the file
+            self._keys: list[str] = list(f.keys())
+            self._metadata = dict(f.metadata() or {})
+        with open(self.path, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        header.pop("__metadata__", None)
+        base = 8 + n
+        self._info: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {
+            k: (_ST_TO_TORCH[v["dtype"]], tuple(v["shape"]), base + v["data_offsets"][0], base + v["data_offsets"][1])
+            for k, v in header.items()
+        }
+        self._handle = safe_open(str(self.path), framework="pt", device="cpu") if self.mmap else None
+
+    def _entry(self, key: str) -> tuple[torch.dtype, tuple[int, ...], int, int]:
+        try:
+            return self._info[key]
+        except KeyError:
+            raise KeyError(f"{key!r} not in {self.path}") from None
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        if key not in self._key_set:
-            raise KeyError(f"{key!r} not in {self.path}")
-        return self._handle.get_tensor(key)
+        dtype, shape, start, end = self._entry(key)
+        if self._handle is not None:
+            return self._handle.get_tensor(key)
+        out = torch.empty(shape, dtype=dtype)
+        if end > start:
+            buf = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                got = 0
+                while got < end - start:
+                    n = os.preadv(fd, [buf[got:]], start + got)
+                    if n <= 0:
+                        raise OSError(f"{self.path}: short read for {key!r}")
+                    got += n
+            finally:
+                os.close(fd)
+        return out
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._keys)
@@ -66,29 +101,26 @@ class LazyStateDict(Mapping[str, torch.Tensor]):
         return len(self._keys)
 
     def __contains__(self, key: object) -> bool:
-        return key in self._key_set
+        return key in self._info
 
     def shape(self, key: str) -> tuple[int, ...]:
         """Shape of ``key`` read from the header (no data loaded)."""
-        if key not in self._key_set:
-            raise KeyError(f"{key!r} not in {self.path}")
-        return tuple(self._handle.get_slice(key).get_shape())
+        return self._entry(key)[1]
 
     def dtype(self, key: str) -> torch.dtype:
         """Dtype of ``key`` read from the header (no data loaded)."""
-        if key not in self._key_set:
-            raise KeyError(f"{key!r} not in {self.path}")
-        return _ST_TO_TORCH[self._handle.get_slice(key).get_dtype()]
+        return self._entry(key)[0]
 
     def metadata(self) -> dict[str, str]:
         """The file's ``__metadata__`` (empty dict when absent)."""
-        return dict(self._handle.metadata() or {})
+        return dict(self._metadata)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"path": self.path}
+        return {"path": self.path, "mmap": self.mmap}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.path = state["path"]
+        self.mmap = state["mmap"]
         self._open()
 
     def __repr__(self) -> str:

@@ -33,6 +33,9 @@ def orthogonalize(a: torch.Tensor) -> torch.Tensor:
 
     Costs one thin SVD of the m×(|Ω|k) stacked factors, never of an m×m matrix.
     """
+    if a.shape[0] < a.shape[1]:
+        q, _, ph = torch.linalg.svd(a.T, full_matrices=False)  # tall SVDs are faster; (P Qᵀ)ᵀ = Q Pᵀ
+        return (q @ ph).T
     p, _, qh = torch.linalg.svd(a, full_matrices=False)
     return p @ qh
 

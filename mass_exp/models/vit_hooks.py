@@ -66,7 +66,7 @@ def routing_tokens(visual: nn.Module, images: Tensor, block: int) -> Tensor:
 def select_token(tokens: Tensor, token: str = "cls") -> Tensor:
     """[B, L, D] -> [B, D]: ``cls`` = token 0 of each sample; ``mean`` = mean over all L tokens."""
     if token == "cls":
-        return tokens[0]
+        return tokens[:, 0]
     if token == "mean":
         return tokens.mean(dim=1)
     raise ValueError(f"token must be 'cls' or 'mean', got {token!r}")

@@ -1,7 +1,12 @@
 """MASS routing: projection router, task-set selection, head selection, two-pass machinery."""
 
 from mass_exp.routing.config import DEFAULT_ROUTING_BLOCK, RouterConfig
-from mass_exp.routing.heads import paper_rule_correct, select_prediction, strict_correct
+from mass_exp.routing.heads import (
+    paper_rule_correct,
+    score_predictions,
+    select_prediction,
+    strict_correct,
+)
 from mass_exp.routing.projection import (
     projection_residuals,
     routing_probabilities,
@@ -43,6 +48,7 @@ __all__ = [
     "route_residuals",
     "router_diagnostics",
     "routing_probabilities",
+    "score_predictions",
     "select_prediction",
     "select_tasks",
     "stack_bases",

@@ -6,12 +6,17 @@ are L2-normalised, so logits = emb @ head^T.
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Mapping, Sequence, Union
 
 import torch
 from torch import Tensor
 
 TaskSet = tuple[int, ...]
+Heads = Union[Mapping[int, Tensor], Sequence[Tensor]]  # task index -> [C_t, E]
+
+
+def _as_mapping(heads: Heads) -> Mapping[int, Tensor]:
+    return heads if isinstance(heads, Mapping) else dict(enumerate(heads))
 
 
 def _logits(emb: Tensor, head: Tensor) -> Tensor:
@@ -63,7 +68,7 @@ def _select_heads(
 
 def select_prediction(
     embeddings: Tensor,
-    heads: Mapping[int, Tensor],
+    heads: Heads,
     task_sets: Sequence[TaskSet],
     head_selection: str = "max",
     oracle_tasks: Tensor | None = None,
@@ -71,8 +76,10 @@ def select_prediction(
     """(pred_task [B], pred_class [B]) from the heads of each sample's Omega (step 7).
 
     With ``oracle_tasks`` given, each sample uses only its true task's head (oracle-head mode).
+    ``heads`` maps task index -> [C_t, E] (a list indexed by task works too). Outputs are on CPU.
     Strict correctness is ``(pred_task == true_task) & (pred_class == label)``: see :func:`strict_correct`.
     """
+    heads = _as_mapping(heads)
     if oracle_tasks is not None:
         task_sets = [(int(t),) for t in oracle_tasks.tolist()]
     _check(embeddings, task_sets, heads)
@@ -86,7 +93,7 @@ def strict_correct(pred_task: Tensor, pred_class: Tensor, task_ids_true: Tensor,
 
 def paper_rule_correct(
     embeddings: Tensor,
-    heads: Mapping[int, Tensor],
+    heads: Heads,
     task_sets: Sequence[TaskSet],
     task_ids_true: Tensor,
     labels: Tensor,
@@ -99,6 +106,7 @@ def paper_rule_correct(
     to C, and compare their argmax with the label. A wrong head counts as correct when the index
     happens to match. Returns bool [B] on CPU.
     """
+    heads = _as_mapping(heads)
     _check(embeddings, task_sets, heads)
     pred_task, _ = _select_heads(embeddings, heads, task_sets, head_selection)
     true = task_ids_true.cpu().long()
@@ -117,3 +125,28 @@ def paper_rule_correct(
             logits = torch.cat([logits, pad], dim=1)
         correct[idx] = logits.argmax(dim=1) == lab[idx]
     return correct
+
+
+def score_predictions(
+    embeddings: Tensor,
+    heads: Heads,
+    task_sets: Sequence[TaskSet],
+    task_ids_true: Tensor,
+    labels: Tensor,
+    head_selection: str = "max",
+    oracle_head: bool = False,
+) -> dict[str, Tensor]:
+    """Both scorings of step 7 at once: ``pred_task``, ``pred_class``, ``correct`` (strict, the
+    headline) and ``correct_paper_rule`` (the official rule). With ``oracle_head`` the true task's head
+    is used for both, so the two coincide."""
+    if oracle_head:
+        task_sets = [(int(t),) for t in task_ids_true.tolist()]
+    pred_task, pred_class = select_prediction(embeddings, heads, task_sets, head_selection)
+    return {
+        "pred_task": pred_task,
+        "pred_class": pred_class,
+        "correct": strict_correct(pred_task, pred_class, task_ids_true, labels),
+        "correct_paper_rule": paper_rule_correct(
+            embeddings, heads, task_sets, task_ids_true, labels, head_selection
+        ),
+    }

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import torch
 from torch import Tensor
 
 from mass_exp.routing.projection import routing_probabilities

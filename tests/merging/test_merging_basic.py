@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from merging_helpers import make_endpoints
 
 from mass_exp.merging import get_merger
@@ -45,6 +47,15 @@ def test_weight_average_equals_task_arithmetic_with_alpha_one_over_t(endpoints):
         assert torch.allclose(wa[k], ta[k], atol=1e-6)
         mean_ep = sum(ft[k] for ft in fts) / len(fts)
         assert torch.allclose(wa[k], mean_ep, atol=1e-5)
+
+
+@settings(max_examples=20, deadline=None)
+@given(num_tasks=st.integers(1, 5), seed=st.integers(0, 10_000))
+def test_weight_average_is_task_arithmetic_over_t_property(num_tasks, seed):
+    pre, fts = make_endpoints(num_tasks, seed=seed, width=4, layers=1)
+    wa = weight_average(pre, fts)
+    ta = task_arithmetic(pre, fts, alpha=1.0 / num_tasks)
+    assert all(torch.allclose(wa[k], ta[k], atol=1e-6) for k in pre)
 
 
 def test_dtype_preserved_and_float32_math():

@@ -48,6 +48,8 @@ def test_lazy_state_dict_roundtrip(tmp_path, endpoints):
         lazy["visual.proj"]
     with pytest.raises(KeyError):
         lazy.shape("nope")
+    mapped = LazyStateDict(path, mmap=True)
+    assert all(torch.equal(mapped[k], pre[k]) for k in pre)
     clone = pickle.loads(pickle.dumps(lazy))
     assert torch.equal(clone["proj"], pre["proj"])
     with pytest.raises(FileNotFoundError):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from mass_exp.routing.heads import paper_rule_correct, select_prediction, strict_correct
+from mass_exp.routing.heads import paper_rule_correct, score_predictions, select_prediction, strict_correct
 
 # Sample j uses the one-hot embedding e_j, so column j of each head holds sample j's logits.
 # columns:                 s0     s1     s2     s3     s4
@@ -69,3 +69,15 @@ def test_single_task_sets_equal_plain_argmax():
     task, cls = select_prediction(emb, heads, [(int(t),) for t in true])
     assert task.tolist() == true.tolist()
     assert cls.tolist() == [int((emb[i] @ heads[int(t)].T).argmax()) for i, t in enumerate(true)]
+
+
+def test_heads_as_list_and_score_predictions():
+    heads_list = [HEAD0, HEAD1, HEAD2]
+    out = score_predictions(EMB, heads_list, SETS, TRUE, LABELS)
+    assert out["pred_task"].tolist() == [1, 0, 0, 0, 1]
+    assert out["correct"].tolist() == [False, True, False, False, False]
+    assert out["correct_paper_rule"].tolist() == [True, True, True, True, False]
+    oracle = score_predictions(EMB, heads_list, SETS, TRUE, LABELS, oracle_head=True)
+    assert oracle["correct"].tolist() == [True, True, False, True, True]
+    # 2-class true task: trimming the 3-class head never changes the oracle answer
+    assert oracle["correct_paper_rule"].tolist() == oracle["correct"].tolist()
