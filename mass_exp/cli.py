@@ -6,6 +6,7 @@ import logging
 import os
 import re
 import sys
+import warnings
 from pathlib import Path
 
 import hydra
@@ -25,9 +26,20 @@ def _config_dir() -> str:
     return str(Path(__file__).resolve().parent.parent / "conf")
 
 
+def _third_party_filter(record: logging.LogRecord) -> bool:
+    """Drop open_clip's chatter (it logs on the root logger) and its expected random-init warning for `tiny`."""
+    if record.name != "root":
+        return True
+    return record.levelno >= logging.WARNING and "No pretrained weights loaded" not in record.getMessage()
+
+
 def _quiet_third_party() -> None:
-    for name in ("root", "lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_third_party_filter)
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     try:
         import datasets
 

@@ -19,7 +19,7 @@ from mass_exp.data.tasks import TaskSpec, get_tasks
 from mass_exp.endpoints.mini import prepare_mini_assets
 from mass_exp.errors import ConfigError
 from mass_exp.evaluation.module import EvaluationModule
-from mass_exp.evaluation.predictors import PerTaskPredictor, Predictor, StaticPredictor
+from mass_exp.evaluation.predictors import PerTaskPredictor, Predictor, RoutedPredictor, StaticPredictor
 from mass_exp.merging.registry import get_merger
 from mass_exp.merging.task_vectors import LazyStateDict
 from mass_exp.models.clip import create_clip
@@ -106,6 +106,8 @@ def build_predictor(cfg: DictConfig, assets: Assets, alpha: float | None) -> Pre
             _cache_dir(cfg) / "factors", assets.pretrained_visual_file, assets.endpoint_files, cfg.backbone.name)
     heads = [assets.heads[t.name] for t in assets.tasks]
     visual = _fresh_visual(assets)
+    if cfg.router.name != "none":
+        return build_routed_predictor(cfg, assets, spec, pretrained, finetuned, kwargs, heads, visual)
     if spec.per_task:
         return PerTaskPredictor(visual, heads, lambda t: spec.fn(pretrained, finetuned, task=t, **kwargs))
     t0 = time.time()
@@ -113,6 +115,51 @@ def build_predictor(cfg: DictConfig, assets: Assets, alpha: float | None) -> Pre
     visual.load_state_dict(merged)
     log.info("merged %d endpoints with %s (alpha=%s) in %.2fs", len(finetuned), spec.name, alpha, time.time() - t0)
     return StaticPredictor(visual, heads)
+
+
+ROUTER_KEYS = {"block", "token", "norm", "mode", "threshold", "temperature", "max_tasks", "batched",
+               "head_selection", "oracle_head", "oracle_routing"}
+
+
+def build_routed_predictor(cfg: DictConfig, assets: Assets, spec: Any, pretrained: Mapping, finetuned: Sequence[Mapping],
+                           kwargs: dict[str, Any], heads: list[torch.Tensor], visual: torch.nn.Module) -> Predictor:
+    """MASS over `method`: pass 1 = method(all tasks), pass 2 = method(selected tasks); router bases from the factors."""
+    from mass_exp.merging.factors import load_or_build_factor_store
+    from mass_exp.merging.tsv import tsv_merge_from_factors
+    from mass_exp.models.vit_hooks import routing_param_name
+    from mass_exp.routing import ProjectionRouter, RouterConfig
+
+    r = cfg.router
+    if spec.per_task:
+        raise ConfigError(f"router={r.name} needs a merger of several tasks; method={spec.name} is per-task (use router=none)")
+    router_cfg = RouterConfig(**{k: v for k, v in OmegaConf.to_container(r, resolve=True).items() if k in ROUTER_KEYS})
+    factors = kwargs.get("factors") or load_or_build_factor_store(
+        _cache_dir(cfg) / "factors", assets.pretrained_visual_file, assets.endpoint_files, cfg.backbone.name)
+    param = routing_param_name(router_cfg.block)
+    if router_cfg.block >= len(visual.transformer.resblocks):
+        raise ConfigError(f"router.block={router_cfg.block} but {cfg.backbone.name} has {len(visual.transformer.resblocks)} blocks")
+    bases = [factors.V(t, param) for t in range(len(finetuned))]
+    router = ProjectionRouter(bases, router_cfg)
+    first_kwargs = dict(kwargs)
+    if r.redundancy_eps is not None:
+        if spec.name != "tsv_m":
+            raise ConfigError("router.redundancy_eps applies to method=tsv_m only")
+        first_kwargs["eps"] = float(r.redundancy_eps)
+    first = _fresh_visual(assets)
+    if r.first_pass == "merged":
+        first.load_state_dict(spec.fn(pretrained, finetuned, **first_kwargs))
+    elif r.first_pass != "zeroshot":
+        raise ConfigError(f"router.first_pass must be 'merged' or 'zeroshot', got {r.first_pass!r}")
+    alpha = kwargs.get("alpha", 1.0)
+
+    def build_expert(task_set: tuple[int, ...]) -> Mapping[str, torch.Tensor]:
+        if spec.name == "tsv_m":  # the stored factors: no SVD at test time
+            return tsv_merge_from_factors(pretrained, factors, list(task_set), alpha=alpha)
+        sub_kwargs = {k: v for k, v in kwargs.items() if k != "factors"}
+        return spec.fn(pretrained, [finetuned[t] for t in task_set], **sub_kwargs)
+
+    return RoutedPredictor(first, heads, router, build_expert, visual, router_cfg,
+                           cache_size=int(r.expert_cache_size))
 
 
 def _fresh_visual(assets: Assets) -> torch.nn.Module:
@@ -132,6 +179,8 @@ def evaluate_predictor(cfg: DictConfig, assets: Assets, predictor: Predictor, lo
                        reference: Mapping[str, float] | None, split: str, logger: Any = False) -> dict[str, dict]:
     module = EvaluationModule(predictor, [t.name for t in assets.tasks], reference, split=split)
     _trainer(cfg, logger).test(module, dataloaders=list(loaders), verbose=False)
+    if module.confusion_matrix is not None:
+        predictor.confusion_matrix = module.confusion_matrix
     return module.results
 
 
@@ -154,12 +203,19 @@ def finetuned_accuracies(cfg: DictConfig, assets: Assets, split: str, loaders: S
     return acc
 
 
+AVERAGED_KEYS = ("acc", "normalized_acc", "acc_paper_rule", "router_task_id_acc", "router_survival", "router_mean_tasks")
+
+
 def _averages(per_task: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
-    accs = [e["acc"] for e in per_task.values()]
-    out = {"acc": sum(accs) / len(accs)}
-    norms = [e.get("normalized_acc") for e in per_task.values()]
-    if all(n is not None for n in norms):
-        out["normalized_acc"] = sum(norms) / len(norms)
+    """Plain means over tasks of every per-task figure that all tasks have."""
+    out = {}
+    for key in AVERAGED_KEYS:
+        vals = [e.get(key) for e in per_task.values()]
+        if vals and all(v is not None for v in vals):
+            out[key] = sum(vals) / len(vals)
+    if "acc_paper_rule" in out and "normalized_acc" in out:
+        out["normalized_acc_paper_rule"] = sum(
+            e["acc_paper_rule"] / e["finetuned_acc"] for e in per_task.values()) / len(per_task)
     return out
 
 
@@ -224,7 +280,7 @@ def run_evaluation(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     results = {
         "status": "complete",
         "method": cfg.method.name,
-        "router": cfg.router.name,
+        "router": {"name": cfg.router.name},
         "backbone": cfg.backbone.name,
         "suite": cfg.suite.name,
         "alpha": alpha,
@@ -233,23 +289,35 @@ def run_evaluation(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         "finetuned_acc_source": f"measured ({cfg.endpoints.source} endpoints, test split)",
         "tasks": per_task,
         "average": _averages(per_task),
+        "eval_batch_size": int(cfg.eval.batch_size),
         "seconds": time.time() - t0,
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
+    if isinstance(predictor, RoutedPredictor):
+        results["router"] = {"name": cfg.router.name, "confusion_matrix": getattr(predictor, "confusion_matrix", None),
+                             "timings_s": predictor.timings, "expert_cache": predictor.experts.stats()}
+        if results["router"]["confusion_matrix"] is not None:
+            from mass_exp.reporting.plots import plot_confusion
+
+            plot_confusion(results["router"]["confusion_matrix"], [t.name for t in assets.tasks],
+                           output_dir / "router_confusion.png", title=cfg.run_name)
     if logger:
-        _log_summary(logger, results)
+        _log_summary(logger, results, output_dir)
     atomic_write_json(output_dir / "results.json", results)
     print(format_table(results))
     log.info("results written to %s", output_dir / "results.json")
     return results
 
 
-def _log_summary(logger: Any, results: Mapping[str, Any]) -> None:
+def _log_summary(logger: Any, results: Mapping[str, Any], output_dir: Path) -> None:
     from lightning.pytorch.loggers import WandbLogger
 
     if isinstance(logger, WandbLogger):
         import wandb
 
+        png = output_dir / "router_confusion.png"
+        if png.exists():
+            logger.experiment.log({"router/confusion_matrix": wandb.Image(str(png))})
         rows = [[n, 100 * e["acc"], 100 * e.get("normalized_acc", math.nan), e["samples"]] for n, e in results["tasks"].items()]
         logger.experiment.log({"results": wandb.Table(columns=["task", "acc", "normalized_acc", "samples"], data=rows)})
         logger.experiment.summary["alpha"] = results["alpha"]
@@ -258,15 +326,24 @@ def _log_summary(logger: Any, results: Mapping[str, Any]) -> None:
 
 def format_table(results: Mapping[str, Any]) -> str:
     """A readable per-task table of absolute and normalized accuracy."""
-    head = f"{results['method']} / router {results['router']} / {results['backbone']} / suite {results['suite']}"
+    head = f"{results['method']} / router {results['router']['name']} / {results['backbone']} / suite {results['suite']}"
     if results.get("alpha") is not None:
         head += f" / alpha {results['alpha']:g} ({results['alpha_protocol']})"
-    lines = [head, f"{'task':<16}{'acc':>8}{'finetuned':>11}{'normalized':>12}{'samples':>9}"]
-    for name, e in results["tasks"].items():
-        ft = e.get("finetuned_acc")
-        norm = e.get("normalized_acc")
-        lines.append(f"{name:<16}{100 * e['acc']:>8.2f}{(100 * ft if ft is not None else math.nan):>11.2f}"
-                     f"{(100 * norm if norm is not None else math.nan):>12.2f}{e['samples']:>9d}")
-    avg = results["average"]
-    lines.append(f"{'average':<16}{100 * avg['acc']:>8.2f}{'':>11}{100 * avg.get('normalized_acc', math.nan):>12.2f}")
+    routed = "router_task_id_acc" in results["average"]
+    cols = f"{'task':<16}{'acc':>8}{'finetuned':>11}{'normalized':>12}"
+    if routed:
+        cols += f"{'paper rule':>12}{'router id':>11}{'|Omega|':>9}"
+    lines = [head, cols + f"{'samples':>9}"]
+
+    def pct(v):
+        return 100 * v if v is not None else math.nan
+
+    for name, e in list(results["tasks"].items()) + [("average", results["average"])]:
+        row = f"{name:<16}{pct(e.get('acc')):>8.2f}{pct(e.get('finetuned_acc')) if name != 'average' else math.nan:>11.2f}"
+        row += f"{pct(e.get('normalized_acc')):>12.2f}"
+        if routed:
+            row += f"{pct(e.get('acc_paper_rule')):>12.2f}{pct(e.get('router_task_id_acc')):>11.2f}"
+            row += f"{e.get('router_mean_tasks', math.nan):>9.2f}"
+        row += f"{e['samples']:>9d}" if "samples" in e else ""
+        lines.append(row)
     return "\n".join(lines)

@@ -12,8 +12,15 @@ import lightning as L
 import torch
 from torch import nn
 from torchmetrics.aggregation import SumMetric
+from torchmetrics.classification import MulticlassConfusionMatrix
 
 from mass_exp.evaluation.predictors import Predictor
+
+
+# per-sample outputs of routing predictors, summed per task; names in results.json
+EXTRA_SUMS = ("correct_paper_rule", "task_id_correct", "survival", "set_size")
+EXTRA_NAMES = {"correct_paper_rule": "acc_paper_rule", "task_id_correct": "router_task_id_acc",
+               "survival": "router_survival", "set_size": "router_mean_tasks"}
 
 
 class EvaluationModule(L.LightningModule):
@@ -29,16 +36,29 @@ class EvaluationModule(L.LightningModule):
         self.task_names = list(task_names)
         self.reference_acc = dict(reference_acc or {})
         self.split = split
-        self.correct = nn.ModuleList([SumMetric() for _ in task_names])
-        self.total = nn.ModuleList([SumMetric() for _ in task_names])
+        n = len(task_names)
+        self.correct = nn.ModuleList([SumMetric() for _ in range(n)])
+        self.total = nn.ModuleList([SumMetric() for _ in range(n)])
+        # router diagnostics (filled only by predictors that route)
+        self.extra = nn.ModuleDict({k: nn.ModuleList([SumMetric() for _ in range(n)]) for k in EXTRA_SUMS})
+        self.confusion = MulticlassConfusionMatrix(num_classes=n)
+        self._routed = False
         self.results: dict[str, dict] = {}
+        self.confusion_matrix: list[list[int]] | None = None
 
     def test_step(self, batch, batch_idx: int, dataloader_idx: int = 0):
         images, labels = batch
-        out = self.predictor.predict(images, dataloader_idx)
-        ok = (out["pred_task"] == dataloader_idx) & (out["pred_class"] == labels)
-        self.correct[dataloader_idx].update(ok.sum().float())
-        self.total[dataloader_idx].update(torch.tensor(float(len(labels)), device=labels.device))
+        t = dataloader_idx
+        out = self.predictor.predict(images, t, labels)
+        ok = (out["pred_task"] == t) & (out["pred_class"] == labels)
+        self.correct[t].update(ok.sum().float())
+        self.total[t].update(torch.tensor(float(len(labels)), device=labels.device))
+        for key in EXTRA_SUMS:
+            if key in out:
+                self._routed = True
+                self.extra[key][t].update(out[key].float().sum())
+        if "routed_task" in out:
+            self.confusion.update(out["routed_task"], torch.full_like(out["routed_task"], t))
 
     def on_test_epoch_end(self) -> None:
         per_task = {}
@@ -50,8 +70,13 @@ class EvaluationModule(L.LightningModule):
             if ref is not None:
                 entry["finetuned_acc"] = ref
                 entry["normalized_acc"] = acc / ref if ref > 0 else float("nan")
+            if self._routed and total:
+                for key in EXTRA_SUMS:
+                    entry[EXTRA_NAMES[key]] = self.extra[key][i].compute().item() / total
             per_task[name] = entry
         self.results = per_task
+        if self._routed:
+            self.confusion_matrix = self.confusion.compute().cpu().long().tolist()
         s = self.split
         for name, e in per_task.items():
             self.log(f"acc/{s}/{name}", 100 * e["acc"], sync_dist=False, rank_zero_only=True)
@@ -59,6 +84,12 @@ class EvaluationModule(L.LightningModule):
                 self.log(f"normalized_acc/{s}/{name}", 100 * e["normalized_acc"], rank_zero_only=True)
         accs = [e["acc"] for e in per_task.values()]
         self.log(f"acc/{s}/avg", 100 * sum(accs) / len(accs), rank_zero_only=True)
+        if self._routed:
+            for key in ("acc_paper_rule", "router_task_id_acc", "router_survival", "router_mean_tasks"):
+                for name, e in per_task.items():
+                    if key in e:
+                        self.log(f"{key}/{s}/{name}", e[key] if key == "router_mean_tasks" else 100 * e[key],
+                                 rank_zero_only=True)
         norms = [e["normalized_acc"] for e in per_task.values() if "normalized_acc" in e]
         if len(norms) == len(accs):
             self.log(f"normalized_acc/{s}/avg", 100 * sum(norms) / len(norms), rank_zero_only=True)

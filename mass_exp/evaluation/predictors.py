@@ -7,11 +7,14 @@ The evaluation module is the same for every method; only the predictor changes:
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from mass_exp.routing import ProjectionRouter, RouterConfig
 
 
 class Predictor(nn.Module):
@@ -26,7 +29,7 @@ class Predictor(nn.Module):
     def head(self, task: int) -> torch.Tensor:
         return getattr(self, f"head_{task}")
 
-    def predict(self, images: torch.Tensor, task: int) -> dict[str, torch.Tensor]:
+    def predict(self, images: torch.Tensor, task: int, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Returns at least `pred_task` and `pred_class` (B,) for a batch of task `task`'s images."""
         raise NotImplementedError
 
@@ -45,7 +48,7 @@ class StaticPredictor(Predictor):
         super().__init__(heads)
         self.visual = visual
 
-    def predict(self, images: torch.Tensor, task: int) -> dict[str, torch.Tensor]:
+    def predict(self, images: torch.Tensor, task: int, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         logits = embed(self.visual, images) @ self.head(task).T
         return {"pred_task": torch.full((len(images),), task, device=images.device),
                 "pred_class": logits.argmax(-1)}
@@ -61,10 +64,66 @@ class PerTaskPredictor(Predictor):
         self.weights_for = weights_for
         self._loaded: int | None = None
 
-    def predict(self, images: torch.Tensor, task: int) -> dict[str, torch.Tensor]:
+    def predict(self, images: torch.Tensor, task: int, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         if self._loaded != task:
             self.visual.load_state_dict(dict(self.weights_for(task)))
             self._loaded = task
         logits = embed(self.visual, images) @ self.head(task).T
         return {"pred_task": torch.full((len(images),), task, device=images.device),
                 "pred_class": logits.argmax(-1)}
+
+
+class RoutedPredictor(Predictor):
+    """MASS's two-pass inference (spec, MASS steps 3-7) over any merger.
+
+    Pass 1 runs `first_pass` (the merge of all tasks) only up to the routing block; the router picks a task set Ω
+    per sample; samples are grouped by Ω and each group's expert (the merge of Ω's tasks, from `build_expert`) runs
+    once, from a bounded cache; the heads of Ω's tasks then vote by max logit.
+    """
+
+    def __init__(self, first_pass: nn.Module, heads: Sequence[torch.Tensor], router: "ProjectionRouter",
+                 build_expert: Callable[[tuple[int, ...]], Mapping[str, torch.Tensor]], expert_template: nn.Module,
+                 config: "RouterConfig", cache_size: int = 16):
+        from mass_exp.routing import ExpertCache
+        from mass_exp.models.vit_hooks import first_pass_fn
+
+        super().__init__(heads)
+        self.first_pass = first_pass
+        self.router = router
+        self.config = config
+        self._template = [expert_template]  # not a submodule: experts are built from it on the right device
+        self._build_weights = build_expert
+        self.experts = ExpertCache(self._build, max_size=cache_size)
+        self._features = first_pass_fn(self.first_pass, config.block, config.token)
+        self.timings = {"pass1_s": 0.0, "routing_s": 0.0, "expert_build_s": 0.0, "pass2_s": 0.0}
+
+    def _build(self, task_set: tuple[int, ...]) -> nn.Module:
+        import copy
+
+        device = self.head(0).device
+        expert = copy.deepcopy(self._template[0])
+        expert.load_state_dict(dict(self._build_weights(task_set)))
+        return expert.to(device).eval()
+
+    def predict(self, images: torch.Tensor, task: int, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        from mass_exp.routing import router_diagnostics, score_predictions, two_pass_forward
+
+        self.router.to(images.device)
+        true = torch.full((len(images),), task, dtype=torch.long)
+        out = two_pass_forward(images, true, self._features, self.router, self.experts, embed,
+                               oracle_routing=self.config.oracle_routing)
+        for k in self.timings:
+            self.timings[k] += getattr(out.timings, k)
+        heads = [self.head(t) for t in range(self.num_tasks)]
+        labels_cpu = labels.cpu() if labels is not None else torch.zeros(len(images), dtype=torch.long)
+        scored = score_predictions(out.embeddings, heads, out.task_sets, true, labels_cpu,
+                                   head_selection=self.config.head_selection, oracle_head=self.config.oracle_head)
+        result = {"pred_task": scored["pred_task"].to(images.device), "pred_class": scored["pred_class"].to(images.device),
+                  "correct_paper_rule": scored["correct_paper_rule"].to(images.device),
+                  "set_size": torch.tensor([len(s) for s in out.task_sets], device=images.device),
+                  "survival": torch.tensor([task in s for s in out.task_sets], device=images.device)}
+        if out.probs is not None:
+            diag = router_diagnostics(out.probs, out.task_sets, true, self.config.threshold)
+            result["task_id_correct"] = diag["task_id_correct"].to(images.device)
+            result["routed_task"] = out.probs.argmax(-1).to(images.device)
+        return result

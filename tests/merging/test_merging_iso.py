@@ -71,3 +71,32 @@ def test_iso_cts_differs_from_iso_c_by_default():
     a, b = iso_cts(pre, fts), iso_c(pre, fts)
     name = "transformer.resblocks.0.mlp.c_fc.weight"
     assert not torch.allclose(a[name], b[name], atol=1e-3)
+
+
+def _reference_iso_cts_matrix(task_deltas, fraction=0.8):
+    """Iso-CTS transcribed from the reference implementation's layout: r-wide buffers, task blocks first, then the
+    common block; P Qᵀ orthogonalisation of both; isotropic spectrum."""
+    total = sum(task_deltas)
+    r, t = min(total.shape), len(task_deltas)
+    common = int(r * fraction)
+    common = r - round((r - common) / t) * t
+    per = int((r - common) / t)
+    u, s, vh = torch.linalg.svd(total.double(), full_matrices=False)
+    cu, cs, cv = u[:, :common], s[:common], vh[:common]
+    bu, bs, bv = torch.zeros_like(u), torch.zeros_like(s), torch.zeros_like(vh)
+    for i, d in enumerate(task_deltas):
+        rest = d.double() - cu @ cu.T @ d.double()
+        ut, st_, vt = torch.linalg.svd(rest, full_matrices=False)
+        bu[:, i * per : (i + 1) * per], bs[i * per : (i + 1) * per], bv[i * per : (i + 1) * per] = ut[:, :per], st_[:per], vt[:per]
+    bu[:, t * per :], bs[t * per :], bv[t * per :] = cu, cs, cv
+    pu, _, qu = torch.linalg.svd(bu, full_matrices=False)
+    pv, _, qv = torch.linalg.svd(bv, full_matrices=False)
+    return bs.mean() * (pu @ qu) @ (pv @ qv)
+
+
+def test_iso_cts_matches_reference_layout():
+    pre, fts = make_endpoints(3, seed=12)
+    out = iso_cts(pre, fts)
+    for name in matrix_keys(pre):
+        ref = _reference_iso_cts_matrix([ft[name] - pre[name] for ft in fts])
+        assert torch.allclose(_delta(out, pre, name), ref, atol=1e-4), name

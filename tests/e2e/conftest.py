@@ -1,0 +1,47 @@
+"""End-to-end fixtures: a reduced mini configuration run through the real `mass-exp` command."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# 3 tasks, a few hundred images, a short pretraining: the whole pipeline (generate -> pretrain -> heads ->
+# fine-tune -> merge -> evaluate -> log) in about a minute on 2 CPU cores.
+SMOKE = [
+    "suite.tasks=[angles,ramps,locations]",
+    "suite.generator.train_size=320", "suite.generator.validation_size=60", "suite.generator.test_size=101",
+    "suite.generator.pretrain_size=400",
+    "endpoints.pretrain.steps=40", "endpoints.pretrain.batch_size=64", "endpoints.pretrain.warmup_steps=5",
+    "endpoints.finetune.epochs=2", "endpoints.finetune.batch_size=32",
+    "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
+]
+
+
+def run_cli(args: list[str], out_dir: Path, entry: str = "evaluate", timeout: int = 900) -> subprocess.CompletedProcess:
+    env = dict(os.environ, MASS_EXP_OUTPUT_DIR=str(out_dir), MASS_EXP_CACHE_DIR=str(out_dir.parent / "cache"),
+               WANDB_MODE="offline", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_SILENT="true")
+    code = f"import sys; from mass_exp.cli import {entry}; sys.argv = ['mass-exp'] + sys.argv[1:]; {entry}()"
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def find_results(out_dir: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(out_dir.rglob("results.json"))]
+
+
+@pytest.fixture(scope="session")
+def smoke_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("smoke")
+
+
+@pytest.fixture(scope="session")
+def first_run(smoke_root):
+    """The first run builds every asset (data, pretrained CLIP, endpoints, heads) and evaluates task arithmetic."""
+    out = smoke_root / "first"
+    proc = run_cli(SMOKE + ["method=task_arithmetic"], out)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc, out

@@ -1,0 +1,70 @@
+"""The whole mini pipeline through the real entry point, on a reduced configuration."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from .conftest import SMOKE, find_results, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def test_first_run_writes_complete_results(first_run):
+    proc, out = first_run
+    (res,) = find_results(out)
+    assert res["status"] == "complete"
+    assert res["method"] == "task_arithmetic" and res["alpha"] == pytest.approx(0.1)
+    assert list(res["tasks"]) == ["angles", "ramps", "locations"]
+    for name, e in res["tasks"].items():
+        assert e["samples"] == 101
+        assert e["acc"] == pytest.approx(e["correct"] / 101)
+        assert e["normalized_acc"] == pytest.approx(e["acc"] / e["finetuned_acc"])
+    avg = res["average"]
+    assert avg["acc"] == pytest.approx(sum(e["acc"] for e in res["tasks"].values()) / 3)
+    assert res["config"]["suite"]["tasks"] == ["angles", "ramps", "locations"]
+    # the printed table and an offline W&B run directory
+    assert "average" in proc.stdout and "normalized" in proc.stdout
+    runs = list(out.rglob("wandb/offline-run-*"))
+    assert runs, "no offline W&B run directory"
+    summary = list(out.rglob("wandb-summary.json"))
+    assert summary and "acc/test/angles" in json.loads(summary[0].read_text())
+
+
+def test_second_run_reuses_cached_assets(first_run, smoke_root):
+    out = smoke_root / "second"
+    proc = run_cli(SMOKE + ["method=task_arithmetic", "logger=none"], out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = proc.stdout + proc.stderr
+    assert "pretraining the tiny CLIP" not in log and "fine-tuned" not in log
+    (res,) = find_results(out)
+    (ref,) = find_results(first_run[1])
+    assert res["tasks"] == ref["tasks"]
+
+
+def test_multirun_over_methods(first_run, smoke_root):
+    out = smoke_root / "multi"
+    proc = run_cli(SMOKE + ["-m", "method=zeroshot,finetuned,task_arithmetic", "logger=csv"], out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = {r["method"]: r for r in find_results(out)}
+    assert set(results) == {"zeroshot", "finetuned", "task_arithmetic"}
+    ft, zs = results["finetuned"], results["zeroshot"]
+    assert ft["average"]["normalized_acc"] == pytest.approx(1.0)
+    assert ft["average"]["acc"] > zs["average"]["acc"]
+    assert zs["alpha"] is None and ft["alpha"] is None
+
+
+def test_bad_task_gives_one_line_error(smoke_root):
+    proc = run_cli(SMOKE + ["suite.tasks=[angles,nope]"], smoke_root / "bad")
+    assert proc.returncode == 2
+    lines = [l for l in proc.stderr.strip().splitlines() if l.startswith("error:")]
+    assert len(lines) == 1 and "'nope'" in lines[0]
+
+
+def test_finetune_entry_point_lists_endpoints(first_run, smoke_root):
+    proc = run_cli(SMOKE, smoke_root / "ft", entry="finetune")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    listed = [l.split() for l in proc.stdout.splitlines() if l.strip()]
+    assert [l[0] for l in listed[-3:]] == ["angles", "ramps", "locations"]
+    assert all(l[1].endswith(".safetensors") for l in listed[-3:])
