@@ -115,3 +115,22 @@ def evaluate() -> None:
 def finetune() -> None:
     """`mass-exp-finetune`: build (or find in the cache) the fine-tuned endpoints the config names, and list them."""
     _run(_finetune)
+
+
+def report(argv: list[str] | None = None) -> None:
+    """`mass-exp-report <dirs...>`: gather results.json files into a Markdown table (rows = methods)."""
+    import argparse
+
+    from mass_exp.reporting.tables import load_results, markdown_table
+
+    parser = argparse.ArgumentParser(prog="mass-exp-report", description=report.__doc__)
+    parser.add_argument("dirs", nargs="+", help="run or sweep directories (searched for results.json)")
+    parser.add_argument("--router-columns", action="store_true",
+                        help="add router task-identification accuracy and mean |Omega| columns")
+    args = parser.parse_args(argv)
+    results = load_results(args.dirs)
+    if not results:
+        print(f"error: no complete results.json under {' '.join(args.dirs)}", file=sys.stderr)
+        sys.exit(2)
+    extra = ("router_task_id_acc", "router_mean_tasks") if args.router_columns else ()
+    print(markdown_table(results, extra))

@@ -100,10 +100,7 @@ def build_predictor(cfg: DictConfig, assets: Assets, alpha: float | None) -> Pre
     pretrained = LazyStateDict(assets.pretrained_visual_file)
     finetuned = [LazyStateDict(p) for p in assets.endpoint_files]
     if spec.uses_factors:
-        from mass_exp.merging.factors import load_or_build_factor_store
-
-        kwargs["factors"] = load_or_build_factor_store(
-            _cache_dir(cfg) / "factors", assets.pretrained_visual_file, assets.endpoint_files, cfg.backbone.name)
+        kwargs["factors"] = factor_store(cfg, assets)
     heads = [assets.heads[t.name] for t in assets.tasks]
     visual = _fresh_visual(assets)
     if cfg.router.name != "none":
@@ -117,6 +114,16 @@ def build_predictor(cfg: DictConfig, assets: Assets, alpha: float | None) -> Pre
     return StaticPredictor(visual, heads)
 
 
+def factor_store(cfg: DictConfig, assets: Assets):
+    """The truncated-SVD factors of every endpoint (cached by content hash, backbone and rank rule)."""
+    from mass_exp.merging.factors import load_or_build_factor_store
+
+    m = cfg.method
+    return load_or_build_factor_store(
+        _cache_dir(cfg) / "factors", assets.pretrained_visual_file, assets.endpoint_files, cfg.backbone.name,
+        rank=m.get("rank"), svd=m.get("svd", "exact"), rank_fraction=m.get("rank_fraction"))
+
+
 ROUTER_KEYS = {"block", "token", "norm", "mode", "threshold", "temperature", "max_tasks", "batched",
                "head_selection", "oracle_head", "oracle_routing"}
 
@@ -124,7 +131,6 @@ ROUTER_KEYS = {"block", "token", "norm", "mode", "threshold", "temperature", "ma
 def build_routed_predictor(cfg: DictConfig, assets: Assets, spec: Any, pretrained: Mapping, finetuned: Sequence[Mapping],
                            kwargs: dict[str, Any], heads: list[torch.Tensor], visual: torch.nn.Module) -> Predictor:
     """MASS over `method`: pass 1 = method(all tasks), pass 2 = method(selected tasks); router bases from the factors."""
-    from mass_exp.merging.factors import load_or_build_factor_store
     from mass_exp.merging.tsv import tsv_merge_from_factors
     from mass_exp.models.vit_hooks import routing_param_name
     from mass_exp.routing import ProjectionRouter, RouterConfig
@@ -133,8 +139,7 @@ def build_routed_predictor(cfg: DictConfig, assets: Assets, spec: Any, pretraine
     if spec.per_task:
         raise ConfigError(f"router={r.name} needs a merger of several tasks; method={spec.name} is per-task (use router=none)")
     router_cfg = RouterConfig(**{k: v for k, v in OmegaConf.to_container(r, resolve=True).items() if k in ROUTER_KEYS})
-    factors = kwargs.get("factors") or load_or_build_factor_store(
-        _cache_dir(cfg) / "factors", assets.pretrained_visual_file, assets.endpoint_files, cfg.backbone.name)
+    factors = kwargs.get("factors") or factor_store(cfg, assets)
     param = routing_param_name(router_cfg.block)
     if router_cfg.block >= len(visual.transformer.resblocks):
         raise ConfigError(f"router.block={router_cfg.block} but {cfg.backbone.name} has {len(visual.transformer.resblocks)} blocks")

@@ -51,7 +51,9 @@ def finetuned(
     return out
 
 
-def _linear(pretrained: StateDict, endpoints: Sequence[StateDict], coeff: float, alpha: float) -> dict[str, torch.Tensor]:
+def _linear(
+    pretrained: StateDict, endpoints: Sequence[StateDict], coeff: float, alpha: float
+) -> dict[str, torch.Tensor]:
     """θ = θ_pre + α·coeff·Σ_t τ_t, one parameter at a time."""
     check_endpoints(pretrained, endpoints)
     if not endpoints:

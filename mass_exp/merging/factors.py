@@ -181,13 +181,12 @@ class FactorStore:
         """Bytes held by all stored tensors."""
         total = 0
         for n in self.info["names"]:
-            for t in range(self.num_tasks):
-                if n in self._matrix:
-                    k = self.info["ranks"][n]
-                    m, c = self.info["shapes"][n]
-                    total += 4 * k * (m + c + 1)
-                else:
-                    total += 4 * math.prod(self.info["shapes"][n])
+            if n in self._matrix:
+                m, c = self.info["shapes"][n]
+                total += 4 * self.info["ranks"][n] * (m + c + 1)
+            else:
+                total += 4 * math.prod(self.info["shapes"][n])
+        total *= self.num_tasks
         return total
 
     # -- accessors -------------------------------------------------------------------------------------------
@@ -491,7 +490,8 @@ def load_or_build_factor_store(
     cache_dir.mkdir(parents=True, exist_ok=True)
     rule = rank_rule(rank, rank_fraction)
     t0 = time.perf_counter()
-    key = factor_cache_key(endpoint_files, pretrained_file, backbone, rule, svd, hash_cache=cache_dir / "file_hashes.json")
+    hashes = cache_dir / "file_hashes.json"
+    key = factor_cache_key(endpoint_files, pretrained_file, backbone, rule, svd, hash_cache=hashes)
     path = cache_dir / f"factors-{backbone.replace('/', '_')}-T{len(endpoint_files)}-{key}.safetensors"
     t_key = time.perf_counter() - t0
     if path.is_file():

@@ -53,7 +53,9 @@ def iso_cts_matrix(task_deltas: Sequence[torch.Tensor], common_space_fraction: f
     return sigma * (U @ V.T)
 
 
-def iso_c(pretrained: StateDict, finetuned: Sequence[StateDict], *, alpha: float | None = 1.0) -> dict[str, torch.Tensor]:
+def iso_c(
+    pretrained: StateDict, finetuned: Sequence[StateDict], *, alpha: float | None = 1.0
+) -> dict[str, torch.Tensor]:
     """Iso-C: θ = θ_pre + α·M, M = iso_c_matrix(Σ τ_t) per matrix parameter, the mean of the τ_t for vectors."""
     if not finetuned:
         raise ValueError("at least one fine-tuned endpoint is required")

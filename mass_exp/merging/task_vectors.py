@@ -81,7 +81,7 @@ class LazyStateDict(Mapping[str, torch.Tensor]):
             return self._handle.get_tensor(key)
         out = torch.empty(shape, dtype=dtype)
         if end > start:
-            buf = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+            buf = memoryview(out.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
             fd = os.open(self.path, os.O_RDONLY)
             try:
                 got = 0
@@ -254,7 +254,11 @@ class StreamingSafetensorsWriter:
                 raise ValueError(f"duplicate tensor name {name!r}")
             shape = tuple(int(s) for s in shape)
             nbytes = _numel(shape) * torch.empty((), dtype=dtype).element_size()
-            header[name] = {"dtype": _TORCH_TO_ST[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            header[name] = {
+                "dtype": _TORCH_TO_ST[dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + nbytes],
+            }
             self._order.append((name, dtype, shape, nbytes))
             offset += nbytes
         self._header = header
@@ -293,7 +297,7 @@ class StreamingSafetensorsWriter:
         if tuple(t.shape) != shape:
             raise ValueError(f"tensor {name!r} has shape {list(t.shape)}, declared {list(shape)}")
         if nbytes:
-            self._f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+            self._f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))  # type: ignore[arg-type]
         self._next += 1
 
     def close(self) -> None:

@@ -59,12 +59,13 @@ def tsv_matrix(factors: Sequence[Factors]) -> torch.Tensor:
 
 def factor_cosine(a: Factors, b: Factors) -> float:
     """Cosine similarity of two rank-k reconstructions U_a diag(σ_a) V_aᵀ and U_b diag(σ_b) V_bᵀ (Frobenius),
-    computed from the factors: ⟨A, B⟩ = Σ (diag(σ_a) U_aᵀ U_b diag(σ_b)) ∘ (V_aᵀ V_b), ‖A‖ = ‖σ_a‖ (orthonormal U, V)."""
+    computed from the factors: ⟨A, B⟩ = Σ (diag(σ_a) U_aᵀ U_b diag(σ_b)) ∘ (V_aᵀ V_b), ‖A‖ = ‖σ_a‖ (U, V
+    orthonormal). Near-zero deltas count as dissimilar (0), as in the MASS code."""
     ua, sa, va = a
     ub, sb, vb = b
     inner = ((sa[:, None] * (ua.T @ ub) * sb[None, :]) * (va.T @ vb)).sum()
     na, nb = torch.linalg.norm(sa), torch.linalg.norm(sb)
-    if float(na) < 1e-9 or float(nb) < 1e-9:  # as the MASS code: near-zero deltas count as dissimilar
+    if float(na) < 1e-9 or float(nb) < 1e-9:
         return 0.0
     return float(inner / (na * nb))
 
@@ -132,12 +133,15 @@ def tsv_merge_from_factors(
         if device is not None:
             pre = pre.to(device)
         if factors.is_matrix(name):
-            fs = [tuple(x.to(pre.device) for x in factors.factors(t, name)) for t in omega]
+            fs: list[Factors] = []
+            for t in omega:
+                u, s, v = factors.factors(t, name)
+                fs.append((u.to(pre.device), s.to(pre.device), v.to(pre.device)))
             if eps is not None and len(fs) > 1:
                 fs = [fs[i] for i in select_non_redundant(fs, eps)]
-            m = tsv_matrix(fs)  # type: ignore[arg-type]
+            m = tsv_matrix(fs)
         else:
-            m = sum(factors.vector(t, name).to(pre.device) for t in omega) / len(omega)
+            m = torch.stack([factors.vector(t, name).to(pre.device) for t in omega]).mean(0)
         out[name] = compose(pre, m, a)
     return out
 
@@ -217,6 +221,6 @@ def tsv_m(
                 fs = [fs[i] for i in select_non_redundant(fs, eps)]
             m = tsv_matrix(fs)
         else:
-            m = sum(deltas(pretrained, finetuned, name)) / num_tasks
+            m = torch.stack(deltas(pretrained, finetuned, name)).mean(0)
         out[name] = compose(pre, m, a)
     return out

@@ -42,7 +42,10 @@ def make_endpoints(num_tasks: int = 3, seed: int = 0, dtype: torch.dtype = torch
     g = torch.Generator().manual_seed(seed)
     shapes = tiny_shapes(**kw)
     pre = {k: torch.randn(s, generator=g).to(dtype) for k, s in shapes.items()}
-    fts = [{k: (v.float() + 0.1 * torch.randn(v.shape, generator=g)).to(dtype) for k, v in pre.items()} for _ in range(num_tasks)]
+    fts = [
+        {k: (v.float() + 0.1 * torch.randn(v.shape, generator=g)).to(dtype) for k, v in pre.items()}
+        for _ in range(num_tasks)
+    ]
     return pre, fts
 
 

@@ -87,7 +87,8 @@ def _reference_iso_cts_matrix(task_deltas, fraction=0.8):
     for i, d in enumerate(task_deltas):
         rest = d.double() - cu @ cu.T @ d.double()
         ut, st_, vt = torch.linalg.svd(rest, full_matrices=False)
-        bu[:, i * per : (i + 1) * per], bs[i * per : (i + 1) * per], bv[i * per : (i + 1) * per] = ut[:, :per], st_[:per], vt[:per]
+        sl = slice(i * per, (i + 1) * per)
+        bu[:, sl], bs[sl], bv[sl] = ut[:, :per], st_[:per], vt[:per]
     bu[:, t * per :], bs[t * per :], bv[t * per :] = cu, cs, cv
     pu, _, qu = torch.linalg.svd(bu, full_matrices=False)
     pv, _, qv = torch.linalg.svd(bv, full_matrices=False)

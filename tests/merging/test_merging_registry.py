@@ -12,7 +12,8 @@ from mass_exp.merging.registry import MergerSpec
 CONF = Path(__file__).resolve().parents[2] / "conf" / "method"
 RESERVED = {"name", "alpha", "alpha_protocol", "alpha_grid"}
 EXPECTED = {
-    "zeroshot", "finetuned", "weight_average", "task_arithmetic", "ties", "consensus", "tsv_c", "tsv_m", "iso_c", "iso_cts",
+    "zeroshot", "finetuned", "weight_average", "task_arithmetic", "ties", "consensus",
+    "tsv_c", "tsv_m", "iso_c", "iso_cts",
 }
 
 

@@ -32,7 +32,7 @@ def _orthogonal(n: int, seed: int) -> torch.Tensor:
 def test_tsv_m_with_orthogonal_subspaces_is_sum_of_truncations():
     """Tasks whose kept singular subspaces are mutually orthogonal: Û, V̂ are already orthonormal, so TSV-M is the
     plain sum of the rank-k truncations (the tails, which are dropped, live in the other task's subspace)."""
-    m, n, k = 12, 8, 4  # T = 2 -> k = floor(8 / 2) = 4
+    m, n = 12, 8  # T = 2 -> k = floor(8 / 2) = 4
     qm, qn = _orthogonal(m, 1), _orthogonal(n, 2)
     s1, s2 = torch.tensor([9.0, 7.0, 5.0, 3.0]), torch.tensor([8.0, 6.0, 4.0, 2.5])
     top1 = (qm[:, 0:4] * s1) @ qn[:, 0:4].T
