@@ -208,7 +208,7 @@ def finetuned_accuracies(cfg: DictConfig, assets: Assets, split: str, loaders: S
     return acc
 
 
-AVERAGED_KEYS = ("acc", "normalized_acc", "acc_paper_rule", "router_task_id_acc", "router_survival", "router_mean_tasks")
+AVERAGED_KEYS = ("acc", "finetuned_acc", "normalized_acc", "acc_paper_rule", "router_task_id_acc", "router_survival", "router_mean_tasks")
 
 
 def _averages(per_task: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
@@ -344,7 +344,7 @@ def format_table(results: Mapping[str, Any]) -> str:
         return 100 * v if v is not None else math.nan
 
     for name, e in list(results["tasks"].items()) + [("average", results["average"])]:
-        row = f"{name:<16}{pct(e.get('acc')):>8.2f}{pct(e.get('finetuned_acc')) if name != 'average' else math.nan:>11.2f}"
+        row = f"{name:<16}{pct(e.get('acc')):>8.2f}{pct(e.get('finetuned_acc')):>11.2f}"
         row += f"{pct(e.get('normalized_acc')):>12.2f}"
         if routed:
             row += f"{pct(e.get('acc_paper_rule')):>12.2f}{pct(e.get('router_task_id_acc')):>11.2f}"

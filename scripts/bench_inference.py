@@ -1,0 +1,351 @@
+#!/usr/bin/env python
+"""Benchmark MASS two-pass inference against one static (tsv_m) pass, with the project's real inference code.
+
+Synthetic endpoints with real CLIP image-tower shapes: a randomly initialised open_clip tower is θ_pre, and T
+endpoints are θ_pre + low-rank-plus-noise deltas (relative size ``--delta-scale``), written as safetensors files in
+``--workdir`` (kept and reused across runs, as is the factor store built there with
+``load_or_build_factor_store``). Inputs are real-size images (224x224 for the ViTs); each batch mixes all tasks.
+
+Measured, on the same batches:
+- static: the tsv_m merge of all tasks in a copy of ``model.visual``; embed (L2-normalised) + head matmul.
+- MASS cold: a ``RoutedPredictor`` built as ``mass_exp.pipeline.build_routed_predictor`` builds it, starting with an
+  empty expert cache (``--cache-size``, the pipeline's default 16); expert builds are inside the timing.
+- MASS warm: the same, but every expert a batch needs is built (untimed) before that batch: steady state.
+
+    python scripts/bench_inference.py --backbone ViT-B-32 --tasks 8 --batch-size 64
+    python scripts/bench_inference.py --tiny --tasks 3 --batch-size 8 --batches 2   # seconds, for a smoke test
+
+Inputs: ``--inputs noise`` (every sample independent noise: the router's task sets are essentially random, the
+worst case for grouping) or ``--inputs clustered`` (task t's samples are a fixed random image per task plus
+noise, so samples of one task tend to route alike, as real data does). The router is driven by random weights
+either way, so the task sets say nothing about routing accuracy, only about cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY_ARCH = "bench-tiny-ViT"
+TINY_CONFIG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 4, "width": 64, "head_width": 32, "patch_size": 8},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+TINY_ROUTING_BLOCK = 2
+BACKBONES = ("ViT-B-32", "ViT-B-16", "ViT-L-14")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backbone", default="ViT-B-32", choices=BACKBONES)
+    p.add_argument("--tiny", action="store_true", help=f"use a tiny registered config ({TINY_ARCH}) instead")
+    p.add_argument("--tasks", type=int, default=8, help="number of synthetic endpoints T")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batches", type=int, default=5, help="measured batches (after one warmup batch)")
+    p.add_argument("--classes", type=int, default=10, help="classes per task head")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (the machine is shared)")
+    p.add_argument("--svd", default="exact", choices=("exact", "randomized"), help="factor store SVD")
+    p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "mass-exp-bench-inference",
+                   help="endpoints and factor store live here and are reused across runs")
+    p.add_argument("--inputs", default="noise", choices=("noise", "clustered"))
+    p.add_argument("--cache-size", type=int, default=16, help="expert cache size of the cold run (pipeline: 16)")
+    p.add_argument("--warm-mem-gb", type=float, default=8.0,
+                   help="memory guard: the warm run keeps at most this many GiB of experts (each is a full tower)")
+    p.add_argument("--factors-in-memory", action="store_true",
+                   help="read the whole factor store into memory (the pipeline memory-maps it)")
+    p.add_argument("--delta-scale", type=float, default=1e-3, help="task-vector size relative to the weights")
+    p.add_argument("--delta-rank", type=int, default=16, help="rank of the low-rank part of each matrix delta")
+    p.add_argument("--block", type=int, default=None, help="routing block (default: the backbone's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip-warm", action="store_true", help="measure only the cold-cache MASS run")
+    p.add_argument("--json", type=Path, default=None, help="also write the figures to this json file")
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# model and synthetic endpoints
+
+
+def create_visual(arch: str, tiny: bool):
+    import open_clip
+
+    if tiny:
+        cfg_dir = Path(tempfile.mkdtemp(prefix="bench-tiny-cfg-"))
+        (cfg_dir / f"{TINY_ARCH}.json").write_text(json.dumps(TINY_CONFIG))
+        open_clip.add_model_config(cfg_dir)
+    model = open_clip.create_model(arch, pretrained=None)
+    return model.visual.eval()
+
+
+def synthetic_delta(w, rel: float, rank: int, gen):
+    """rel·‖w‖-sized delta: a rank-`rank` part plus dense noise for matrices, noise for vectors."""
+    import torch
+
+    w = w.float()
+    rms = float(w.pow(2).mean().sqrt()) if w.numel() else 0.0
+    rms = rms if rms > 0 else 1e-2  # zero-initialised biases
+    if w.dim() == 2:
+        m, n = w.shape
+        r = max(1, min(rank, m, n))
+        d = (torch.randn(m, r, generator=gen) @ torch.randn(r, n, generator=gen)) / math.sqrt(r)
+        d = d + 0.3 * torch.randn(m, n, generator=gen)
+    else:
+        d = torch.randn(w.shape, generator=gen)
+    d = d * (rel * rms / float(d.pow(2).mean().sqrt().clamp_min(1e-12)))
+    return d.to(w.dtype)
+
+
+def prepare_endpoints(args, arch: str, visual) -> tuple[Path, list[Path], Path]:
+    """(pretrained file, endpoint files, factor cache dir) in the work dir; generated once, then reused."""
+    import torch
+
+    from mass_exp.merging.task_vectors import LazyStateDict, save_state_dict
+
+    meta = {"arch": arch, "tasks": args.tasks, "delta_scale": args.delta_scale, "delta_rank": args.delta_rank,
+            "seed": args.seed, "format": 1}
+    tag = f"{arch}-T{args.tasks}-s{args.seed}-r{args.delta_rank}-d{args.delta_scale:g}"
+    d = args.workdir / tag
+    d.mkdir(parents=True, exist_ok=True)
+    pre_file = d / "pretrained-visual.safetensors"
+    files = [d / f"endpoint-{t:02d}.safetensors" for t in range(args.tasks)]
+    meta_file = d / "meta.json"
+    complete = meta_file.is_file() and json.loads(meta_file.read_text()) == meta
+    if complete and pre_file.is_file() and all(f.is_file() for f in files):
+        visual.load_state_dict(dict(LazyStateDict(pre_file)))
+        print(f"endpoints: reusing {len(files)} endpoints in {d}")
+        return pre_file, files, d / "factors"
+    t0 = time.perf_counter()
+    torch.manual_seed(args.seed)
+    pre = {k: v.detach().clone() for k, v in visual.state_dict().items()}
+    save_state_dict(pre, pre_file, metadata={"kind": "pretrained-visual"})
+    for t, f in enumerate(files):
+        gen = torch.Generator().manual_seed(args.seed * 1000 + t + 1)
+        ft = {k: v + synthetic_delta(v, args.delta_scale, args.delta_rank, gen) for k, v in pre.items()}
+        save_state_dict(ft, f, metadata={"kind": "synthetic-endpoint", "task": str(t)})
+        del ft
+    meta_file.write_text(json.dumps(meta))
+    print(f"endpoints: wrote {len(files)} synthetic endpoints to {d} in {time.perf_counter() - t0:.1f}s")
+    return pre_file, files, d / "factors"
+
+
+def make_batches(args, image_size: int, n: int):
+    """n mixed-task batches: (images, true task per sample, labels)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(args.seed + 12345)
+    protos = torch.randn(args.tasks, 3, image_size, image_size, generator=gen)
+    out = []
+    for _ in range(n):
+        task = torch.arange(args.batch_size) % args.tasks  # every task in every batch (when B >= T)
+        task = task[torch.randperm(args.batch_size, generator=gen)]
+        noise = torch.randn(args.batch_size, 3, image_size, image_size, generator=gen)
+        images = noise if args.inputs == "noise" else protos[task] + 0.3 * noise
+        labels = torch.randint(0, args.classes, (args.batch_size,), generator=gen)
+        out.append((images.contiguous(), task, labels))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the predictors, built as mass_exp.pipeline.build_routed_predictor builds them
+
+
+def build_routed(first, heads, router, pretrained, store, template, cache_size: int, cfg):
+    from mass_exp.evaluation.predictors import RoutedPredictor
+    from mass_exp.merging.tsv import tsv_merge_from_factors
+
+    def build_expert(task_set):
+        return tsv_merge_from_factors(pretrained, store, list(task_set), alpha=1.0)
+
+    return RoutedPredictor(first, heads, router, build_expert, template, cfg, cache_size=cache_size).eval()
+
+
+def fmt_counts(counter: Counter) -> str:
+    total = sum(counter.values())
+    return ", ".join(f"{k}: {v} ({100 * v / total:.0f}%)" for k, v in sorted(counter.items()))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = str(args.threads)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    sys.path.insert(0, str(ROOT))
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("mass_exp.merging.factors").setLevel(logging.INFO)
+
+    from mass_exp.evaluation.predictors import embed
+    from mass_exp.merging.factors import load_or_build_factor_store
+    from mass_exp.merging.task_vectors import LazyStateDict
+    from mass_exp.merging.tsv import tsv_m
+    from mass_exp.models.vit_hooks import routing_features, routing_param_name
+    from mass_exp.routing import DEFAULT_ROUTING_BLOCK, ProjectionRouter, RouterConfig
+
+    arch = TINY_ARCH if args.tiny else args.backbone
+    block = args.block if args.block is not None else (TINY_ROUTING_BLOCK if args.tiny else DEFAULT_ROUTING_BLOCK[arch])
+    visual = create_visual(arch, args.tiny)
+    n_blocks = len(visual.transformer.resblocks)
+    if not 0 <= block < n_blocks:
+        raise SystemExit(f"--block {block} out of range for {n_blocks} blocks")
+    image_size = visual.image_size[0] if isinstance(visual.image_size, (tuple, list)) else int(visual.image_size)
+    n_params = sum(p.numel() for p in visual.parameters())
+    print(f"backbone {arch}: {n_blocks} blocks, {n_params / 1e6:.1f}M params, {image_size}x{image_size} inputs, "
+          f"routing block {block}; T={args.tasks}, batch {args.batch_size} x {args.batches} (+1 warmup), "
+          f"inputs={args.inputs}, threads={torch.get_num_threads()}")
+
+    pre_file, files, factor_dir = prepare_endpoints(args, arch, visual)
+    t0 = time.perf_counter()
+    store = load_or_build_factor_store(factor_dir, pre_file, files, arch, svd=args.svd, progress=False,
+                                       in_memory=args.factors_in_memory)
+    print(f"factor store: {store!r} ready in {time.perf_counter() - t0:.1f}s (svd={args.svd})")
+
+    pretrained = LazyStateDict(pre_file)
+    finetuned = [LazyStateDict(f) for f in files]
+    t0 = time.perf_counter()
+    merged = tsv_m(pretrained, finetuned, factors=store)
+    merge_s = time.perf_counter() - t0
+    import copy
+
+    static_model = copy.deepcopy(visual).eval()
+    static_model.load_state_dict(merged)
+    first = copy.deepcopy(visual).eval()  # the pipeline's first pass: its own copy holding tsv_m(all tasks)
+    first.load_state_dict(merged)
+    del merged
+    print(f"tsv_m merge of all {args.tasks} tasks (static model and pass-1 model): {merge_s:.2f}s")
+
+    gen = torch.Generator().manual_seed(args.seed + 7)
+    out_dim = int(visual.output_dim)
+    heads = [100.0 * torch.nn.functional.normalize(torch.randn(args.classes, out_dim, generator=gen), dim=-1)
+             for _ in range(args.tasks)]
+    all_heads = torch.cat(heads)
+    router_cfg = RouterConfig(block=block)
+    param = routing_param_name(block)
+    router = ProjectionRouter([store.V(t, param) for t in range(args.tasks)], router_cfg)
+    template = copy.deepcopy(visual).eval()
+
+    batches = make_batches(args, image_size, args.batches + 1)
+    warm_batch, batches = batches[0], batches[1:]
+    n_images = args.batch_size * args.batches
+
+    # routing of each measured batch (deterministic: the same pass-1 model and router the predictor uses)
+    with torch.no_grad():
+        plan = [router(routing_features(first, images, block, router_cfg.token)).task_sets for images, _, _ in batches]
+    set_sizes = Counter(len(s) for sets in plan for s in sets)
+    distinct = [len(set(sets)) for sets in plan]
+    all_distinct = len({s for sets in plan for s in sets})
+    group_sizes = [sorted(Counter(sets).values(), reverse=True) for sets in plan]
+
+    # ---- warmup (untimed): static pass on the warmup batch, a throwaway predictor on a slice of it
+    with torch.no_grad():
+        embed(static_model, warm_batch[0])
+    throwaway = build_routed(first, heads, router, pretrained, store, template, 1, router_cfg)
+    throwaway.predict(warm_batch[0][: min(4, args.batch_size)], task=0, labels=warm_batch[2][: min(4, args.batch_size)])
+    del throwaway
+
+    # ---- static
+    static_times = []
+    with torch.no_grad():
+        for images, _, _ in batches:
+            t0 = time.perf_counter()
+            logits = embed(static_model, images) @ all_heads.T
+            logits.argmax(-1)
+            static_times.append(time.perf_counter() - t0)
+    static_s = sum(static_times)
+
+    counted = ("hits", "misses", "builds", "evictions", "build_time_s")
+
+    def run_mass(predictor, prebuild: bool):
+        """Time predictor.predict per batch; with `prebuild`, the batch's experts are built first (untimed) and
+        the cache counters report only what happened inside the timed calls."""
+        times, inside = [], dict.fromkeys(counted, 0)
+        for (images, task, labels), sets in zip(batches, plan):
+            if prebuild:
+                for key in sorted(set(sets)):
+                    predictor.experts.get(key)
+            before = predictor.experts.stats()
+            t0 = time.perf_counter()
+            predictor.predict(images, task=0, labels=labels)
+            times.append(time.perf_counter() - t0)
+            after = predictor.experts.stats()
+            for k in counted:
+                inside[k] += after[k] - before[k]
+        stats = {**predictor.experts.stats(), **inside}
+        return times, dict(predictor.timings), stats
+
+    # ---- MASS, cold cache
+    cold = build_routed(first, heads, router, pretrained, store, template, args.cache_size, router_cfg)
+    cold_times, cold_timings, cold_stats = run_mass(cold, prebuild=False)
+    del cold
+    results = {
+        "backbone": arch, "tasks": args.tasks, "batch_size": args.batch_size, "batches": args.batches,
+        "inputs": args.inputs, "threads": args.threads, "routing_block": block, "svd": args.svd,
+        "static": {"s": static_s, "img_per_s": n_images / static_s, "per_batch_s": static_times},
+        "mass_cold": {"s": sum(cold_times), "img_per_s": n_images / sum(cold_times), "per_batch_s": cold_times,
+                      "ratio": sum(cold_times) / static_s, "timings": cold_timings, "expert_cache": cold_stats,
+                      "cache_size": args.cache_size},
+        "set_size_counts": dict(set_sizes), "distinct_per_batch": distinct, "distinct_total": all_distinct,
+        "group_sizes": group_sizes, "merge_all_s": merge_s,
+    }
+
+    # ---- MASS, warm cache (each batch's experts built before it, outside the timing)
+    if not args.skip_warm:
+        warm_size = max(distinct)
+        expert_bytes = sum(t.numel() * t.element_size() for t in visual.state_dict().values())
+        max_warm = max(1, int(args.warm_mem_gb * 2**30 // expert_bytes))
+        if warm_size > max_warm:
+            print(f"warm run skipped: a batch needs {warm_size} experts, more than --warm-mem-gb {args.warm_mem_gb:g} "
+                  f"holds ({max_warm} x {expert_bytes / 2**20:.0f} MiB)")
+        else:
+            warm_size = min(max(warm_size, args.cache_size), max_warm)
+            warm = build_routed(first, heads, router, pretrained, store, template, warm_size, router_cfg)
+            warm_times, warm_timings, warm_stats = run_mass(warm, prebuild=True)
+            del warm
+            results["mass_warm"] = {"s": sum(warm_times), "img_per_s": n_images / sum(warm_times),
+                                    "per_batch_s": warm_times, "ratio": sum(warm_times) / static_s,
+                                    "timings": warm_timings, "expert_cache": warm_stats, "cache_size": warm_size}
+
+    # ---- report
+    print(f"|Omega| over {n_images} samples: {fmt_counts(set_sizes)}")
+    print(f"distinct Omega per batch: {distinct} (mean {sum(distinct) / len(distinct):.1f}; "
+          f"{all_distinct} distinct over all batches)")
+    print(f"largest groups per batch: {[g[:5] for g in group_sizes]}")
+    print(f"static: {static_s:.2f}s, {n_images / static_s:.1f} img/s (per batch {static_s / args.batches:.2f}s)")
+    for name in ("mass_cold", "mass_warm"):
+        if name not in results:
+            continue
+        r = results[name]
+        t = r["timings"]
+        other = r["s"] - sum(t.values())
+        label = "MASS cold cache" if name == "mass_cold" else "MASS warm cache"
+        print(f"{label}: {r['s']:.2f}s, {r['img_per_s']:.1f} img/s, MASS/static = {r['ratio']:.2f}x "
+              f"(cache size {r['cache_size']})")
+        print(f"  breakdown: pass1_s {t['pass1_s']:.2f} ({t['pass1_s'] / static_s:.2f} x static), "
+              f"routing_s {t['routing_s']:.3f}, expert_build_s {t['expert_build_s']:.2f}, "
+              f"pass2_s {t['pass2_s']:.2f} ({t['pass2_s'] / static_s:.2f} x static), "
+              f"other (scoring, diagnostics) {other:.3f}")
+        s = r["expert_cache"]
+        per_build = s["build_time_s"] / s["builds"] if s["builds"] else float("nan")
+        print(f"  expert cache: {json.dumps(s)} ({per_build:.2f}s per build)")
+    if "mass_warm" in results:
+        ok = results["mass_warm"]["ratio"] <= 1.9
+        print(f"target MASS <= 1.9x static (warm cache): {results['mass_warm']['ratio']:.2f}x -> "
+              f"{'met' if ok else 'NOT met'}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    return results
+
+
+if __name__ == "__main__":
+    main()
