@@ -334,7 +334,7 @@ def format_table(results: Mapping[str, Any]) -> str:
     head = f"{results['method']} / router {results['router']['name']} / {results['backbone']} / suite {results['suite']}"
     if results.get("alpha") is not None:
         head += f" / alpha {results['alpha']:g} ({results['alpha_protocol']})"
-    routed = "router_task_id_acc" in results["average"]
+    routed = "router_mean_tasks" in results["average"]
     cols = f"{'task':<16}{'acc':>8}{'finetuned':>11}{'normalized':>12}"
     if routed:
         cols += f"{'paper rule':>12}{'router id':>11}{'|Omega|':>9}"

@@ -254,26 +254,24 @@ def main(argv: list[str] | None = None) -> dict:
     throwaway.predict(warm_batch[0][: min(4, args.batch_size)], task=0, labels=warm_batch[2][: min(4, args.batch_size)])
     del throwaway
 
-    # ---- static
-    static_times = []
-    with torch.no_grad():
-        for images, _, _ in batches:
-            t0 = time.perf_counter()
-            logits = embed(static_model, images) @ all_heads.T
-            logits.argmax(-1)
-            static_times.append(time.perf_counter() - t0)
-    static_s = sum(static_times)
-
     counted = ("hits", "misses", "builds", "evictions", "build_time_s")
 
+    def static_pass(images) -> float:
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            (embed(static_model, images) @ all_heads.T).argmax(-1)
+            return time.perf_counter() - t0
+
     def run_mass(predictor, prebuild: bool):
-        """Time predictor.predict per batch; with `prebuild`, the batch's experts are built first (untimed) and
-        the cache counters report only what happened inside the timed calls."""
-        times, inside = [], dict.fromkeys(counted, 0)
+        """Per batch: one static pass, then predictor.predict, both timed, back to back (so the machine's load is
+        the same for the pair). With `prebuild` the batch's experts are built first (untimed) and the cache
+        counters report only what happened inside the timed calls."""
+        static_t, times, inside = [], [], dict.fromkeys(counted, 0)
         for (images, task, labels), sets in zip(batches, plan):
             if prebuild:
                 for key in sorted(set(sets)):
                     predictor.experts.get(key)
+            static_t.append(static_pass(images))
             before = predictor.experts.stats()
             t0 = time.perf_counter()
             predictor.predict(images, task=0, labels=labels)
@@ -282,22 +280,21 @@ def main(argv: list[str] | None = None) -> dict:
             for k in counted:
                 inside[k] += after[k] - before[k]
         stats = {**predictor.experts.stats(), **inside}
-        return times, dict(predictor.timings), stats
+        return {"s": sum(times), "img_per_s": n_images / sum(times), "per_batch_s": times,
+                "static_s": sum(static_t), "static_per_batch_s": static_t, "ratio": sum(times) / sum(static_t),
+                "timings": dict(predictor.timings), "expert_cache": stats, "cache_size": predictor.experts.max_size}
 
-    # ---- MASS, cold cache
-    cold = build_routed(first, heads, router, pretrained, store, template, args.cache_size, router_cfg)
-    cold_times, cold_timings, cold_stats = run_mass(cold, prebuild=False)
-    del cold
     results = {
         "backbone": arch, "tasks": args.tasks, "batch_size": args.batch_size, "batches": args.batches,
         "inputs": args.inputs, "threads": args.threads, "routing_block": block, "svd": args.svd,
-        "static": {"s": static_s, "img_per_s": n_images / static_s, "per_batch_s": static_times},
-        "mass_cold": {"s": sum(cold_times), "img_per_s": n_images / sum(cold_times), "per_batch_s": cold_times,
-                      "ratio": sum(cold_times) / static_s, "timings": cold_timings, "expert_cache": cold_stats,
-                      "cache_size": args.cache_size},
         "set_size_counts": dict(set_sizes), "distinct_per_batch": distinct, "distinct_total": all_distinct,
         "group_sizes": group_sizes, "merge_all_s": merge_s,
     }
+
+    # ---- MASS, cold cache (empty at the first measured batch, expert builds inside the timing)
+    cold = build_routed(first, heads, router, pretrained, store, template, args.cache_size, router_cfg)
+    results["mass_cold"] = run_mass(cold, prebuild=False)
+    del cold
 
     # ---- MASS, warm cache (each batch's experts built before it, outside the timing)
     if not args.skip_warm:
@@ -310,30 +307,36 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             warm_size = min(max(warm_size, args.cache_size), max_warm)
             warm = build_routed(first, heads, router, pretrained, store, template, warm_size, router_cfg)
-            warm_times, warm_timings, warm_stats = run_mass(warm, prebuild=True)
+            results["mass_warm"] = run_mass(warm, prebuild=True)
             del warm
-            results["mass_warm"] = {"s": sum(warm_times), "img_per_s": n_images / sum(warm_times),
-                                    "per_batch_s": warm_times, "ratio": sum(warm_times) / static_s,
-                                    "timings": warm_timings, "expert_cache": warm_stats, "cache_size": warm_size}
+
+    runs = [results[k] for k in ("mass_cold", "mass_warm") if k in results]
+    static_s = sum(r["static_s"] for r in runs)
+    static_n = n_images * len(runs)
+    results["static"] = {"s": static_s, "images": static_n, "img_per_s": static_n / static_s,
+                         "per_batch_s": [t for r in runs for t in r["static_per_batch_s"]]}
 
     # ---- report
     print(f"|Omega| over {n_images} samples: {fmt_counts(set_sizes)}")
+    by_size = Counter(len(o) for o in {s for sets in plan for s in sets})
     print(f"distinct Omega per batch: {distinct} (mean {sum(distinct) / len(distinct):.1f}; "
-          f"{all_distinct} distinct over all batches)")
+          f"{all_distinct} distinct over all batches, by |Omega|: {dict(sorted(by_size.items()))})")
     print(f"largest groups per batch: {[g[:5] for g in group_sizes]}")
-    print(f"static: {static_s:.2f}s, {n_images / static_s:.1f} img/s (per batch {static_s / args.batches:.2f}s)")
+    print(f"static: {static_s:.2f}s for {static_n} images, {static_n / static_s:.1f} img/s "
+          f"(per batch {static_s / (args.batches * len(runs)):.2f}s)")
     for name in ("mass_cold", "mass_warm"):
         if name not in results:
             continue
         r = results[name]
         t = r["timings"]
+        st = r["static_s"]
         other = r["s"] - sum(t.values())
         label = "MASS cold cache" if name == "mass_cold" else "MASS warm cache"
         print(f"{label}: {r['s']:.2f}s, {r['img_per_s']:.1f} img/s, MASS/static = {r['ratio']:.2f}x "
-              f"(cache size {r['cache_size']})")
-        print(f"  breakdown: pass1_s {t['pass1_s']:.2f} ({t['pass1_s'] / static_s:.2f} x static), "
+              f"(paired static {st:.2f}s; cache size {r['cache_size']})")
+        print(f"  breakdown: pass1_s {t['pass1_s']:.2f} ({t['pass1_s'] / st:.2f} x static), "
               f"routing_s {t['routing_s']:.3f}, expert_build_s {t['expert_build_s']:.2f}, "
-              f"pass2_s {t['pass2_s']:.2f} ({t['pass2_s'] / static_s:.2f} x static), "
+              f"pass2_s {t['pass2_s']:.2f} ({t['pass2_s'] / st:.2f} x static), "
               f"other (scoring, diagnostics) {other:.3f}")
         s = r["expert_cache"]
         per_build = s["build_time_s"] / s["builds"] if s["builds"] else float("nan")

@@ -42,7 +42,7 @@ class EvaluationModule(L.LightningModule):
         # router diagnostics (filled only by predictors that route)
         self.extra = nn.ModuleDict({k: nn.ModuleList([SumMetric() for _ in range(n)]) for k in EXTRA_SUMS})
         self.confusion = MulticlassConfusionMatrix(num_classes=n)
-        self._routed = False
+        self._seen: set[str] = set()  # which diagnostics the predictor produced
         self.results: dict[str, dict] = {}
         self.confusion_matrix: list[list[int]] | None = None
 
@@ -55,7 +55,7 @@ class EvaluationModule(L.LightningModule):
         self.total[t].update(torch.tensor(float(len(labels)), device=labels.device))
         for key in EXTRA_SUMS:
             if key in out:
-                self._routed = True
+                self._seen.add(key)
                 self.extra[key][t].update(out[key].float().sum())
         if "routed_task" in out:
             self.confusion.update(out["routed_task"], torch.full_like(out["routed_task"], t))
@@ -70,12 +70,12 @@ class EvaluationModule(L.LightningModule):
             if ref is not None:
                 entry["finetuned_acc"] = ref
                 entry["normalized_acc"] = acc / ref if ref > 0 else float("nan")
-            if self._routed and total:
-                for key in EXTRA_SUMS:
+            if total:
+                for key in sorted(self._seen):
                     entry[EXTRA_NAMES[key]] = self.extra[key][i].compute().item() / total
             per_task[name] = entry
         self.results = per_task
-        if self._routed:
+        if "task_id_correct" in self._seen:
             self.confusion_matrix = self.confusion.compute().cpu().long().tolist()
         s = self.split
         for name, e in per_task.items():
@@ -84,7 +84,7 @@ class EvaluationModule(L.LightningModule):
                 self.log(f"normalized_acc/{s}/{name}", 100 * e["normalized_acc"], rank_zero_only=True)
         accs = [e["acc"] for e in per_task.values()]
         self.log(f"acc/{s}/avg", 100 * sum(accs) / len(accs), rank_zero_only=True)
-        if self._routed:
+        if self._seen:
             for key in ("acc_paper_rule", "router_task_id_acc", "router_survival", "router_mean_tasks"):
                 for name, e in per_task.items():
                     if key in e:

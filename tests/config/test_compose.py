@@ -42,13 +42,13 @@ def test_every_option_composes(group, option):
     assert cfg[group] is not None
 
 
-@pytest.mark.parametrize("backbone", _options("backbone"))
-@pytest.mark.parametrize("suite", _options("suite"))
+@pytest.mark.parametrize("backbone,suite", [("tiny", "mini"), ("ViT-B-32", "8"), ("ViT-B-16", "14"), ("ViT-L-14", "20")])
 @pytest.mark.parametrize("method", _options("method"))
 def test_method_alphas_resolve_for_every_backbone_and_suite(backbone, suite, method):
     cfg = _resolve(_compose([f"backbone={backbone}", f"suite='{suite}'", f"method={method}"]))
     alpha = cfg["method"]["alpha"]
     assert alpha is None or isinstance(alpha, (int, float))
+    assert cfg["router"]["block"] == cfg["backbone"]["routing_block"]
 
 
 def test_every_method_config_names_a_registered_merger():

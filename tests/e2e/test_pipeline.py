@@ -34,7 +34,7 @@ def test_first_run_writes_complete_results(first_run):
 
 def test_second_run_reuses_cached_assets(first_run, smoke_root):
     out = smoke_root / "second"
-    proc = run_cli(SMOKE + ["method=task_arithmetic", "logger=none"], out)
+    proc = run_cli(SMOKE + ["method=task_arithmetic", "router=none", "logger=none"], out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = proc.stdout + proc.stderr
     assert "pretraining the tiny CLIP" not in log and "fine-tuned" not in log
@@ -45,7 +45,7 @@ def test_second_run_reuses_cached_assets(first_run, smoke_root):
 
 def test_multirun_over_methods(first_run, smoke_root):
     out = smoke_root / "multi"
-    proc = run_cli(SMOKE + ["-m", "method=zeroshot,finetuned,task_arithmetic", "logger=csv"], out)
+    proc = run_cli(SMOKE + ["-m", "method=zeroshot,finetuned,task_arithmetic", "router=none", "logger=csv"], out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = {r["method"]: r for r in find_results(out)}
     assert set(results) == {"zeroshot", "finetuned", "task_arithmetic"}
@@ -53,6 +53,14 @@ def test_multirun_over_methods(first_run, smoke_root):
     assert ft["average"]["normalized_acc"] == pytest.approx(1.0)
     assert ft["average"]["acc"] > zs["average"]["acc"]
     assert zs["alpha"] is None and ft["alpha"] is None
+
+
+def test_default_run_is_mass(first_run, smoke_root):
+    out = smoke_root / "default"
+    proc = run_cli(SMOKE + ["logger=none"], out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (res,) = find_results(out)
+    assert res["method"] == "tsv_m" and res["router"]["name"] == "projection"
 
 
 def test_bad_task_gives_one_line_error(smoke_root):
