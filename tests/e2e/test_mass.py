@@ -34,7 +34,7 @@ def test_mass_projection_router_reports_diagnostics(first_run, smoke_root):
 
 def test_oracle_router_equals_tsv_c(first_run, smoke_root):
     _, oracle = _run(["method=tsv_m", "router=oracle"], smoke_root / "oracle")
-    _, tsv_c = _run(["method=tsv_c"], smoke_root / "tsv_c")
+    _, tsv_c = _run(["method=tsv_c", "router=none"], smoke_root / "tsv_c")
     assert {n: e["correct"] for n, e in oracle["tasks"].items()} == {n: e["correct"] for n, e in tsv_c["tasks"].items()}
     assert all(e["router_survival"] == 1.0 and e["router_mean_tasks"] == 1.0 for e in oracle["tasks"].values())
 

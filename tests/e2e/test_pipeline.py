@@ -28,8 +28,11 @@ def test_first_run_writes_complete_results(first_run):
     assert "average" in proc.stdout and "normalized" in proc.stdout
     runs = list(out.rglob("wandb/offline-run-*"))
     assert runs, "no offline W&B run directory"
-    summary = list(out.rglob("wandb-summary.json"))
-    assert summary and "acc/test/angles" in json.loads(summary[0].read_text())
+    records = list(out.rglob("offline-run-*/run-*.wandb"))  # the offline run's record log (protobuf)
+    assert records
+    blob = records[0].read_bytes()
+    for key in (b"acc/test/angles", b"normalized_acc/test/avg", b"results"):
+        assert key in blob, key
 
 
 def test_second_run_reuses_cached_assets(first_run, smoke_root):
@@ -45,7 +48,7 @@ def test_second_run_reuses_cached_assets(first_run, smoke_root):
 
 def test_multirun_over_methods(first_run, smoke_root):
     out = smoke_root / "multi"
-    proc = run_cli(SMOKE + ["-m", "method=zeroshot,finetuned,task_arithmetic", "router=none", "logger=csv"], out)
+    proc = run_cli(["-m"] + SMOKE + ["method=zeroshot,finetuned,task_arithmetic", "router=none", "logger=csv"], out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = {r["method"]: r for r in find_results(out)}
     assert set(results) == {"zeroshot", "finetuned", "task_arithmetic"}
