@@ -30,8 +30,17 @@ def load_results(dirs: Iterable[str | Path]) -> list[dict[str, Any]]:
 
 def row_label(res: dict[str, Any]) -> str:
     router = res["router"]["name"] if isinstance(res["router"], dict) else res["router"]
-    label = res["method"] if router == "none" else f"MASS ({router}) over {res['method']}"
-    return label
+    if router == "none":
+        return res["method"]
+    knobs = (res.get("config") or {}).get("router") or {}
+    extras = []
+    if knobs.get("mode", "topk") != "topk" and not knobs.get("batched"):
+        extras.append(knobs["mode"])
+    if knobs.get("oracle_head"):
+        extras.append("oracle head")
+    if knobs.get("first_pass", "merged") != "merged":
+        extras.append(f"first pass {knobs['first_pass']}")
+    return f"MASS ({', '.join([router] + extras)}) over {res['method']}"
 
 
 def markdown_table(results: Sequence[dict[str, Any]], extra: Sequence[str] = ()) -> str:
