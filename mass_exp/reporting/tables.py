@@ -31,7 +31,7 @@ def load_results(dirs: Iterable[str | Path]) -> list[dict[str, Any]]:
 def row_label(res: dict[str, Any]) -> str:
     router = res["router"]["name"] if isinstance(res["router"], dict) else res["router"]
     if router == "none":
-        return res["method"]
+        return res["method"] + (" (alpha by validation)" if res.get("alpha_protocol") == "validation" else "")
     knobs = (res.get("config") or {}).get("router") or {}
     extras = []
     if knobs.get("mode", "topk") != "topk" and not knobs.get("batched"):
@@ -49,7 +49,7 @@ def markdown_table(results: Sequence[dict[str, Any]], extra: Sequence[str] = ())
     rows: dict[str, dict] = {}
     for r in results:
         rows.setdefault(row_label(r), {})[(r["backbone"], r["suite"])] = r  # later files win
-    header = "| method | " + " | ".join(f"{b} / {s}: acc | norm" for b, s in cols)
+    header = "| method | " + " | ".join(f"{b} / {s}: acc / norm" for b, s in cols)
     for key in extra:
         header += f" | {key}"
     lines = [header + " |", "|---" * (1 + len(cols) + len(extra)) + "|"]

@@ -22,6 +22,6 @@ def test_markdown_table_rows_and_skips_incomplete(tmp_path):
     results = load_results([tmp_path])
     assert len(results) == 2
     table = markdown_table(results).splitlines()
-    assert table[0] == "| method | tiny / mini: acc | norm |"
+    assert table[0] == "| method | tiny / mini: acc / norm |"
     assert "| tsv_m | 50.0 / 60.0 |" in table
     assert "| MASS (projection) over tsv_m | 80.0 / 90.0 |" in table
