@@ -148,6 +148,3 @@ class ImageClassificationDataset(Dataset):
         row = self.ds[int(i)]
         return self.transform(row["image"].convert("RGB")), int(row["label"])
 
-
-def label_sequence(ds: Sequence) -> list[int]:
-    return [int(x) for x in ds["label"]]

@@ -41,10 +41,3 @@ def create_clip(arch: str, pretrained: str | None = None, *, cache_dir: str | No
     model.eval()
     return model, preprocess, tokenizer
 
-
-def encode_images(visual: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """L2-normalised image embeddings of the image tower (spec, "Heads and metrics")."""
-    out = visual(images)
-    if isinstance(out, tuple):
-        out = out[0]
-    return torch.nn.functional.normalize(out, dim=-1)
