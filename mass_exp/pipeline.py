@@ -11,7 +11,7 @@ from typing import Any, Mapping, Sequence
 
 import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.utils.data import DataLoader
 
 from mass_exp.data.datasets import ImageClassificationDataset, load_split
@@ -28,7 +28,7 @@ from mass_exp.utils.io import atomic_write_json, load_tensors, save_tensors, sta
 
 log = logging.getLogger(__name__)
 
-RESERVED_METHOD_KEYS = {"name", "alpha", "alpha_protocol", "alpha_grid"}
+RESERVED_METHOD_KEYS = {"name", "alpha", "alpha_protocol", "alpha_grid", "lambda_protocol", "lambda_grid"}
 
 
 @dataclass
@@ -254,6 +254,35 @@ def choose_alpha(cfg: DictConfig, assets: Assets) -> tuple[float | None, list[di
     return best["alpha"], curve
 
 
+def choose_consensus_lambdas(cfg: DictConfig, assets: Assets) -> dict[str, Any] | None:
+    """TALL masks' per-task lambda_t (spec, consensus): for each lambda of the grid, evaluate task t's TALL-mask model
+    theta_pre + (tau_MTL masked by m_t) on task t's validation split; keep the best lambda per task."""
+    m = cfg.method
+    if m.get("lambda_protocol", "fixed") == "fixed":
+        return None
+    if m.lambda_protocol != "validation":
+        raise ConfigError(f"method.lambda_protocol must be 'fixed' or 'validation', got {m.lambda_protocol!r}")
+    from mass_exp.merging.ties import tall_mask_merge
+
+    grid = [float(x) for x in (m.lambda_grid or [])]
+    if not grid:
+        raise ConfigError("method.lambda_protocol=validation needs a non-empty method.lambda_grid")
+    pretrained = LazyStateDict(assets.pretrained_visual_file)
+    finetuned = [LazyStateDict(p) for p in assets.endpoint_files]
+    loaders = make_loaders(cfg, assets, "validation")
+    heads = [assets.heads[t.name] for t in assets.tasks]
+    curve = {t.name: [] for t in assets.tasks}
+    for lam in grid:
+        predictor = PerTaskPredictor(_fresh_visual(assets), heads,
+                                     lambda t, lam=lam: tall_mask_merge(pretrained, finetuned, task=t, lam=lam))
+        res = evaluate_predictor(cfg, assets, predictor, loaders, None, "validation")
+        for name, e in res.items():
+            curve[name].append({"lambda": lam, "acc": e["acc"]})
+    chosen = [max(curve[t.name], key=lambda c: c["acc"])["lambda"] for t in assets.tasks]
+    log.info("TALL-mask lambdas chosen on validation: %s", dict(zip([t.name for t in assets.tasks], chosen)))
+    return {"lambdas": chosen, "curve": curve}
+
+
 def make_logger(cfg: DictConfig, output_dir: Path) -> Any:
     name = cfg.logger.name
     if name == "none":
@@ -278,6 +307,10 @@ def run_evaluation(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     assets = prepare_assets(cfg)
     test_loaders = make_loaders(cfg, assets, "test")
     reference = finetuned_accuracies(cfg, assets, "test", test_loaders)
+    lambda_selection = choose_consensus_lambdas(cfg, assets)
+    if lambda_selection is not None:
+        with open_dict(cfg):
+            cfg.method.lambdas = lambda_selection["lambdas"]
     alpha, curve = choose_alpha(cfg, assets)
     predictor = build_predictor(cfg, assets, alpha)
     logger = make_logger(cfg, output_dir)
@@ -291,6 +324,7 @@ def run_evaluation(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         "alpha": alpha,
         "alpha_protocol": cfg.method.get("alpha_protocol", "fixed") if alpha is not None else None,
         "alpha_sweep": curve,
+        "lambda_selection": lambda_selection,
         "finetuned_acc_source": f"measured ({cfg.endpoints.source} endpoints, test split)",
         "tasks": per_task,
         "average": _averages(per_task),

@@ -78,3 +78,20 @@ def test_finetune_entry_point_lists_endpoints(first_run, smoke_root):
     listed = [l.split() for l in proc.stdout.splitlines() if l.strip()]
     assert [l[0] for l in listed[-3:]] == ["angles", "ramps", "locations"]
     assert all(l[1].endswith(".safetensors") for l in listed[-3:])
+
+
+def test_validation_protocols_record_their_choice(first_run, smoke_root):
+    out = smoke_root / "protocols"
+    proc = run_cli(SMOKE + ["method=consensus", "router=none", "logger=none", "method.lambda_protocol=validation",
+                            "method.alpha_protocol=validation", "method.alpha_grid=[0.1,0.3]"], out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (res,) = find_results(out)
+    sel = res["lambda_selection"]
+    assert len(sel["lambdas"]) == 3
+    for lam, (name, curve) in zip(sel["lambdas"], sel["curve"].items()):
+        assert lam == max(curve, key=lambda c: c["acc"])["lambda"]
+        assert [c["lambda"] for c in curve] == [0.2, 0.3, 0.4, 0.5, 0.6]
+    assert res["config"]["method"]["lambdas"] == sel["lambdas"]
+    assert res["alpha_protocol"] == "validation" and res["alpha"] in (0.1, 0.3)
+    best = max(res["alpha_sweep"], key=lambda c: c["normalized_acc"])
+    assert res["alpha"] == best["alpha"] and len(res["alpha_sweep"]) == 2
