@@ -31,7 +31,12 @@ def load_results(dirs: Iterable[str | Path]) -> list[dict[str, Any]]:
 def row_label(res: dict[str, Any]) -> str:
     router = res["router"]["name"] if isinstance(res["router"], dict) else res["router"]
     if router == "none":
-        return res["method"] + (" (alpha by validation)" if res.get("alpha_protocol") == "validation" else "")
+        chosen = []
+        if res.get("lambda_selection"):
+            chosen.append("lambda_t")
+        if res.get("alpha_protocol") == "validation":
+            chosen.append("alpha")
+        return res["method"] + (f" ({' and '.join(chosen)} by validation)" if chosen else "")
     knobs = (res.get("config") or {}).get("router") or {}
     extras = []
     if knobs.get("mode", "topk") != "topk" and not knobs.get("batched"):
