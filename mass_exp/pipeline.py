@@ -44,7 +44,6 @@ class Assets:
     weights_id: str  # identifies the pretrained weights (for cache keys)
     endpoints_id: str  # identifies the set of endpoints (for cache keys)
     mini_dirs: dict[str, Path] = field(default_factory=dict)
-    reference_source: str = "measured"
 
 
 def _cache_dir(cfg: DictConfig) -> Path:
