@@ -8,9 +8,11 @@ from omegaconf import OmegaConf
 
 from mass_exp.merging import available_mergers, get_merger
 from mass_exp.merging.registry import MergerSpec
+from mass_exp.pipeline import RESERVED_METHOD_KEYS  # keys the pipeline reads itself; the rest are merger kwargs
 
 CONF = Path(__file__).resolve().parents[2] / "conf" / "method"
-RESERVED = {"name", "alpha", "alpha_protocol", "alpha_grid"}
+
+RESERVED = {"name", "alpha", "alpha_protocol", "alpha_grid"}  # every method YAML has these
 EXPECTED = {
     "zeroshot", "finetuned", "weight_average", "task_arithmetic", "ties", "consensus",
     "tsv_c", "tsv_m", "iso_c", "iso_cts",
@@ -67,7 +69,7 @@ def test_method_yaml_names_registered_merger(path):
     )
     method = OmegaConf.to_container(cfg.method, resolve=True)
     params = inspect.signature(spec.fn).parameters
-    for key in set(method) - RESERVED:
+    for key in set(method) - RESERVED_METHOD_KEYS:
         assert key in params, f"{path.name}: {key!r} is not a kwarg of {spec.fn.__name__}"
     if method["alpha"] is None:
         assert name_is_alpha_free(raw.name)
