@@ -98,17 +98,20 @@ def paper_rule_correct(
     task_ids_true: Tensor,
     labels: Tensor,
     head_selection: str = "max",
+    pred_task: Tensor | None = None,
 ) -> Tensor:
     """The official code's looser scoring, used for the published numbers (``acc_paper_rule``, step 7).
 
     Take the routed head whose largest (``max``) or mean (``avg``) logit is highest (first on a tie,
     i.e. the lower task index), trim its logits to the true task's class count C or zero-pad them up
     to C, and compare their argmax with the label. A wrong head counts as correct when the index
-    happens to match. Returns bool [B] on CPU.
+    happens to match. Returns bool [B] on CPU. ``pred_task``: the head already chosen by
+    :func:`select_prediction` with the same ``head_selection`` (skips choosing it again).
     """
     heads = _as_mapping(heads)
     _check(embeddings, task_sets, heads)
-    pred_task, _ = _select_heads(embeddings, heads, task_sets, head_selection)
+    if pred_task is None:
+        pred_task, _ = _select_heads(embeddings, heads, task_sets, head_selection)
     true = task_ids_true.cpu().long()
     lab = labels.cpu().long()
     correct = torch.zeros(embeddings.shape[0], dtype=torch.bool)
@@ -147,6 +150,6 @@ def score_predictions(
         "pred_class": pred_class,
         "correct": strict_correct(pred_task, pred_class, task_ids_true, labels),
         "correct_paper_rule": paper_rule_correct(
-            embeddings, heads, task_sets, task_ids_true, labels, head_selection
+            embeddings, heads, task_sets, task_ids_true, labels, head_selection, pred_task=pred_task
         ),
     }
