@@ -72,13 +72,20 @@ def carve_validation(n_train: int, fraction: float = 0.1, max_samples: int = 500
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
+def hub_offline() -> bool:
+    """True when the HF hub must not be contacted (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)."""
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+               for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
 def load_split(task: TaskSpec, split: str, *, mini_dirs: dict[str, Path] | None = None,
                local_dirs: dict[str, str] | None = None, cache_dir: str | None = None):
     """A task's split as a HF `datasets.Dataset` with columns image / label.
 
     `split` is "train", "validation" or "test"; the task's own names are resolved here (e.g. Food101's test split is
     called "validation"). Validation without a dedicated split is carved from train (see `carve_validation`), and
-    "train" then excludes the carved samples.
+    "train" then excludes the carved samples. A real task is read from a local directory when `local_dirs` (or
+    `mini_dirs`) names one for it (`save_to_disk` output or an image folder), else from the HF hub / its cache.
     """
     import datasets
 
@@ -87,7 +94,7 @@ def load_split(task: TaskSpec, split: str, *, mini_dirs: dict[str, Path] | None 
             raise ConfigError(f"mini task {task.name!r} has not been generated; run with endpoints=mini")
         dd = datasets.load_from_disk(str(mini_dirs[task.name]))
         return dd[split]
-    local = (local_dirs or {}).get(task.name)
+    local = (local_dirs or {}).get(task.name) or (mini_dirs or {}).get(task.name)
     if split == "test":
         real_split = task.test_split
     elif task.val_split is not None:
@@ -107,7 +114,14 @@ def load_split(task: TaskSpec, split: str, *, mini_dirs: dict[str, Path] | None 
     else:
         if task.hf_dataset is None:
             raise ConfigError(f"task {task.name!r} has no HF dataset id; give a local copy with data.local_dirs.{task.name}=<dir>")
-        ds = datasets.load_dataset(task.hf_dataset, task.hf_config, split=real_split, cache_dir=cache_dir)
+        try:
+            ds = datasets.load_dataset(task.hf_dataset, task.hf_config, split=real_split, cache_dir=cache_dir)
+        except (ConnectionError, FileNotFoundError, ValueError) as e:
+            if not hub_offline():
+                raise
+            raise ConfigError(f"dataset {task.hf_dataset} ({task.name}, split {real_split}) is not in the HF datasets "
+                              f"cache and the run is offline ({type(e).__name__}); run `mass-exp-prefetch` with the same "
+                              "overrides on a machine with network") from None
     if task.image_column != "image":
         ds = ds.rename_column(task.image_column, "image")
     if task.label_column != "label":
@@ -116,6 +130,9 @@ def load_split(task: TaskSpec, split: str, *, mini_dirs: dict[str, Path] | None 
         rest, val = carve_validation(len(ds))
         ds = ds.select(val if split == "validation" else rest)
     return ds
+
+
+IN_MEMORY_BYTES = 1 << 30
 
 
 class ImageClassificationDataset(Dataset):
@@ -130,8 +147,8 @@ class ImageClassificationDataset(Dataset):
             hf_dataset = hf_dataset.select(range(limit))
         self.ds = hf_dataset
         self.transform = transform
-        if in_memory is None:
-            in_memory = len(hf_dataset) <= 20000
+        if in_memory is None:  # keep decoded tensors only when they are small (the mini suite: 32x32 images)
+            in_memory = len(hf_dataset) > 0 and len(hf_dataset) * transform(hf_dataset[0]["image"].convert("RGB")).numel() * 4 <= IN_MEMORY_BYTES
         self._images: torch.Tensor | None = None
         self._labels: torch.Tensor | None = None
         if in_memory:
