@@ -145,8 +145,7 @@ def packaged_reference(source: str, backbone: str, tasks: list[TaskSpec]) -> dic
 
 
 def _hub_assets(cfg: DictConfig, tasks: list[TaskSpec], download: bool, splits: tuple[str, ...]) -> Assets:
-    from mass_exp.endpoints.loading import materialize_endpoint
-    from mass_exp.endpoints.sources import resolve_endpoints
+    from mass_exp.endpoints.sources import materialize_endpoints, resolve_endpoints
 
     b, e = cfg.backbone, cfg.endpoints
     if b.pretrained is None:
@@ -165,21 +164,18 @@ def _hub_assets(cfg: DictConfig, tasks: list[TaskSpec], download: bool, splits: 
     # 2. the backbone, its pretrained image tower as the merging base, the endpoints checked against it
     model, preprocess, tokenizer = _load_backbone(cfg, weights)
     reference = {k: v.detach() for k, v in model.visual.state_dict().items()}
-    allow_unsafe = bool(e.get("allow_unsafe_pickle", False))
-    ep_dir = cache / "endpoints" / b.name
-    if resolved.pretrained is not None:
-        visual_file = materialize_endpoint(resolved.pretrained.path, ep_dir, reference, backbone=b.name,
-                                           allow_unsafe_pickle=allow_unsafe)
+    pre_file, ft_files = materialize_endpoints(resolved, cache / "endpoints" / b.name, reference, backbone=b.name,
+                                               allow_unsafe_pickle=bool(e.get("allow_unsafe_pickle", False)))
+    if pre_file is not None:  # the source's own pretrained encoder is the base of its task vectors
+        visual_file = pre_file
     else:
         visual_file = cache / "backbones" / f"{b.name}-{stable_hash(weights.weights_id)}-visual.safetensors"
         if not visual_file.exists():
             save_tensors(visual_file, reference, metadata={"kind": "pretrained-visual", "weights": weights.weights_id})
-    files = []
+    files = [ft_files[t.name] for t in tasks]
     for t in tasks:
         ep = resolved.finetuned[t.name]
-        files.append(materialize_endpoint(ep.path, ep_dir, reference, backbone=b.name, allow_unsafe_pickle=allow_unsafe,
-                                          fill_missing_from=reference))
-        log.info("endpoint %-14s %s", t.name, ep.repo_id + "/" + ep.filename if ep.repo_id else ep.path)
+        log.info("endpoint %-14s %s", t.name, f"{ep.repo_id}/{ep.filename}" if ep.repo_id else ep.path)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     heads = load_or_build_heads(model, tokenizer, tasks, backbone=b.name, weights_id=weights.weights_id,
                                 cache_dir=cache / "heads", device=device)

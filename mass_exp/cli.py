@@ -66,19 +66,52 @@ def _guarded(fn):
 
 @_guarded
 def _evaluate(cfg: DictConfig) -> float:
-    from mass_exp.pipeline import run_evaluation
+    from mass_exp import resume
+    from mass_exp.pipeline import format_table, run_evaluation
+    from mass_exp.utils.io import atomic_write_json
 
-    results = run_evaluation(cfg, Path(HydraConfig.get().runtime.output_dir))
+    output_dir = Path(HydraConfig.get().runtime.output_dir)
+    h = resume.run_hash(cfg)
+    store = cfg.paths.results_store
+    if cfg.get("resume", True):
+        done = resume.find_finished(store, output_dir, h, list(cfg.suite.tasks))
+        if done is not None:
+            log.info("run %s (%s) is already complete; not recomputed (resume=false redoes it)", h, cfg.run_name)
+            if not (output_dir / "results.json").exists() and _is_rank_zero():
+                atomic_write_json(output_dir / "results.json", done)
+            print(format_table(done))
+            return done["average"].get("normalized_acc", done["average"]["acc"])
+    results = run_evaluation(cfg, output_dir, run_hash=h)
+    if _is_rank_zero():
+        resume.file_result(store, results)
     return results["average"].get("normalized_acc", results["average"]["acc"])
+
+
+def _is_rank_zero() -> bool:
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0
 
 
 @_guarded
 def _finetune(cfg: DictConfig) -> None:
-    from mass_exp.pipeline import prepare_assets
+    from mass_exp.assets import prepare_assets
 
     assets = prepare_assets(cfg)
     for task, path in zip(assets.tasks, assets.endpoint_files):
         print(f"{task.name:<16}{path}")
+
+
+@_guarded
+def _prefetch(cfg: DictConfig) -> None:
+    """Download and verify every asset the run described by `cfg` needs, so it can later run offline."""
+    from mass_exp.assets import prepare_assets
+
+    splits = tuple(cfg.get("prefetch_splits") or ("test", "validation"))
+    assets = prepare_assets(cfg, download=True, splits=splits)
+    print(f"prefetched {cfg.backbone.name} ({assets.weights_id}), {len(assets.tasks)} endpoints "
+          f"({cfg.endpoints.source}) and the {'/'.join(splits)} splits of {', '.join(t.name for t in assets.tasks)}")
+    print("the run can now go offline: HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 mass-exp <the same overrides>")
 
 
 _NUMERIC = re.compile(r"^\d+(\.\d+)?$")
@@ -117,20 +150,46 @@ def finetune() -> None:
     _run(_finetune)
 
 
+def prefetch() -> None:
+    """`mass-exp-prefetch`: same config as `mass-exp`; download + verify backbone, endpoints and datasets into the caches."""
+    _run(_prefetch)
+
+
 def report(argv: list[str] | None = None) -> None:
-    """`mass-exp-report <dirs...>`: gather results.json files into a Markdown table (rows = methods)."""
+    """`mass-exp-report <dirs...>`: gather complete results.json files into paper-style tables (rows = methods,
+    columns = backbone x suite, avg accuracy / normalized accuracy), with the published numbers whose protocol
+    matches, per-task tables and plots."""
     import argparse
 
-    from mass_exp.reporting.tables import load_results, markdown_table
-
     parser = argparse.ArgumentParser(prog="mass-exp-report", description=report.__doc__)
-    parser.add_argument("dirs", nargs="+", help="run or sweep directories (searched for results.json)")
+    parser.add_argument("dirs", nargs="+", help="run or sweep directories (searched for results.json) or files")
+    parser.add_argument("--out", metavar="DIR", help="write report.md, tables (.tex, .csv) and plots/*.png to DIR "
+                                                     "instead of printing Markdown")
     parser.add_argument("--router-columns", action="store_true",
-                        help="add router task-identification accuracy and mean |Omega| columns")
+                        help="add router task-identification accuracy and mean |Omega| columns to the main table")
+    parser.add_argument("--no-published", action="store_true", help="leave the published numbers out")
+    parser.add_argument("--wandb", action="store_true",
+                        help="also log the table to a W&B run in the runs' group (offline unless WANDB_MODE is set)")
     args = parser.parse_args(argv)
+
+    from mass_exp.reporting.published import load_published
+    from mass_exp.reporting.tables import build_report, load_results, report_markdown
+
     results = load_results(args.dirs)
     if not results:
         print(f"error: no complete results.json under {' '.join(args.dirs)}", file=sys.stderr)
         sys.exit(2)
+    published = None if args.no_published else load_published()
     extra = ("router_task_id_acc", "router_mean_tasks") if args.router_columns else ()
-    print(markdown_table(results, extra))
+    rep = build_report(results, published, extra)
+    if args.out:
+        from mass_exp.reporting.report import write_report
+
+        written = write_report(rep, args.out, args.dirs, published)
+        print(f"wrote {len(written)} files to {args.out} ({Path(args.out) / 'report.md'})")
+    else:
+        print(report_markdown(rep, args.dirs), end="")
+    if args.wandb:
+        from mass_exp.reporting.report import log_to_wandb
+
+        print(f"W&B run: {log_to_wandb(rep, args.out)}", file=sys.stderr)

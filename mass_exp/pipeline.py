@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from mass_exp.data.datasets import ImageClassificationDataset, load_split
 from mass_exp.data.tasks import TaskSpec, get_tasks
-from mass_exp.endpoints.mini import prepare_mini_assets
+from mass_exp.assets import Assets, prepare_assets  # noqa: F401 - prepare_assets is part of the pipeline API
 from mass_exp.errors import ConfigError
 from mass_exp.evaluation.module import EvaluationModule
 from mass_exp.evaluation.predictors import PerTaskPredictor, Predictor, RoutedPredictor, StaticPredictor
@@ -31,51 +31,12 @@ log = logging.getLogger(__name__)
 RESERVED_METHOD_KEYS = {"name", "alpha", "alpha_protocol", "alpha_grid", "lambda_protocol", "lambda_grid"}
 
 
-@dataclass
-class Assets:
-    """Everything a run evaluates: the backbone with its heads, the endpoint files and the data of each task."""
-
-    tasks: list[TaskSpec]
-    model: torch.nn.Module  # the pretrained CLIP (both towers)
-    preprocess: Any
-    heads: dict[str, torch.Tensor]
-    pretrained_visual_file: Path
-    endpoint_files: list[Path]
-    weights_id: str  # identifies the pretrained weights (for cache keys)
-    endpoints_id: str  # identifies the set of endpoints (for cache keys)
-    mini_dirs: dict[str, Path] = field(default_factory=dict)
-
-
 def _cache_dir(cfg: DictConfig) -> Path:
     return Path(cfg.paths.cache_dir)
 
 
-def prepare_assets(cfg: DictConfig) -> Assets:
-    """Build or load the backbone, heads and endpoints that `cfg` asks for (building mini ones when missing)."""
-    tasks = get_tasks(list(cfg.suite.tasks))
-    source = cfg.endpoints.source
-    cache = _cache_dir(cfg)
-    if source != "mini":
-        raise ConfigError(f"endpoints source {source!r} is not available yet; use endpoints=mini")
-    if cfg.backbone.pretrained is not None:
-        raise ConfigError("endpoints=mini builds its own pretrained tiny CLIP: set backbone=tiny (backbone.pretrained=null)")
-    mini = prepare_mini_assets(
-        cfg.backbone.arch, tasks, OmegaConf.to_container(cfg.suite.generator), OmegaConf.to_container(cfg.endpoints.pretrain),
-        OmegaConf.to_container(cfg.endpoints.finetune), OmegaConf.to_container(cfg.trainer), cache, seed=int(cfg.seed),
-    )
-    model, preprocess, tokenizer = create_clip(cfg.backbone.arch, None)
-    model.load_state_dict(load_tensors(mini.pretrained_file))
-    visual_file = mini.pretrained_file.with_name(mini.pretrained_file.stem + "-visual.safetensors")
-    if not visual_file.exists():
-        save_tensors(visual_file, model.visual.state_dict(), metadata={"kind": "pretrained-visual"})
-    heads = load_or_build_heads(model, tokenizer, tasks, backbone=cfg.backbone.name, weights_id=mini.pretrained_key,
-                                cache_dir=cache / "heads")
-    return Assets(tasks, model, preprocess, heads, visual_file, [mini.endpoint_files[t.name] for t in tasks],
-                  weights_id=mini.pretrained_key, endpoints_id=stable_hash(mini.endpoint_keys),
-                  mini_dirs=mini.data_dirs)
-
-
 def make_loaders(cfg: DictConfig, assets: Assets, split: str) -> list[DataLoader]:
+    """One loader per task over the whole split; `evaluate_predictor` shards them per rank (no padding)."""
     limit = cfg.eval.max_samples_per_task
     loaders = []
     for task in assets.tasks:
@@ -174,36 +135,54 @@ def _fresh_visual(assets: Assets) -> torch.nn.Module:
 
 def _trainer(cfg: DictConfig, logger: Any = False) -> L.Trainer:
     t = cfg.trainer
+    # use_distributed_sampler=False: Lightning's DistributedSampler repeats samples to even out the ranks; the
+    # loaders are sharded exactly by ShardedTestData instead (mass_exp.evaluation.sampling)
     return L.Trainer(accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
                      precision=t.precision, logger=logger, enable_checkpointing=False, enable_model_summary=False,
-                     enable_progress_bar=bool(t.enable_progress_bar))
+                     enable_progress_bar=bool(t.enable_progress_bar), use_distributed_sampler=False)
 
 
 def evaluate_predictor(cfg: DictConfig, assets: Assets, predictor: Predictor, loaders: Sequence[DataLoader],
                        reference: Mapping[str, float] | None, split: str, logger: Any = False) -> dict[str, dict]:
+    """One `Trainer.test` over every task; under DDP each rank gets its shard and all get the reduced results."""
+    from mass_exp.evaluation.sampling import ShardedTestData
+
     module = EvaluationModule(predictor, [t.name for t in assets.tasks], reference, split=split)
-    _trainer(cfg, logger).test(module, dataloaders=list(loaders), verbose=False)
+    _trainer(cfg, logger).test(module, datamodule=ShardedTestData(loaders), verbose=False)
     if module.confusion_matrix is not None:
         predictor.confusion_matrix = module.confusion_matrix
     return module.results
 
 
 def finetuned_accuracies(cfg: DictConfig, assets: Assets, split: str, loaders: Sequence[DataLoader]) -> dict[str, float]:
-    """Each endpoint's accuracy on its own task (the normalized-accuracy reference), measured once and cached."""
+    """Each endpoint's accuracy on its own task (the normalized-accuracy reference), measured once and cached.
+
+    Distributed: all ranks measure it together (the same reduced numbers), rank 0 writes the cache. Whether the
+    cache exists is rank 0's view, broadcast once a process group exists; before that (the first evaluation of a
+    process) the ranks agree because rank 0 writes the file only after an evaluation every rank takes part in.
+    """
+    import json
+
+    from mass_exp.evaluation.sampling import distributed, from_rank_zero, is_rank_zero
+
     key = stable_hash({"endpoints": assets.endpoints_id, "split": split, "limit": cfg.eval.max_samples_per_task,
                        "heads": assets.weights_id, "tasks": [t.name for t in assets.tasks]})
     path = _cache_dir(cfg) / "reference" / f"finetuned-acc-{split}-{key}.json"
-    if path.exists():
-        import json
 
-        return json.loads(path.read_text())
+    def read() -> dict[str, float] | None:
+        return json.loads(path.read_text()) if path.exists() else None
+
+    cached = from_rank_zero(read() if is_rank_zero() else None) if distributed() else read()
+    if cached is not None:
+        return cached
     finetuned = [LazyStateDict(p) for p in assets.endpoint_files]
     predictor = PerTaskPredictor(_fresh_visual(assets), [assets.heads[t.name] for t in assets.tasks],
                                  lambda t: finetuned[t])
     log.info("measuring the fine-tuned endpoints' %s accuracy (reference for normalized accuracy)", split)
     res = evaluate_predictor(cfg, assets, predictor, loaders, None, split)
     acc = {name: e["acc"] for name, e in res.items()}
-    atomic_write_json(path, acc)
+    if is_rank_zero():
+        atomic_write_json(path, acc)
     return acc
 
 
@@ -218,8 +197,9 @@ def _averages(per_task: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
         if vals and all(v is not None for v in vals):
             out[key] = sum(vals) / len(vals)
     if "acc_paper_rule" in out and "normalized_acc" in out:
-        out["normalized_acc_paper_rule"] = sum(
-            e["acc_paper_rule"] / e["finetuned_acc"] for e in per_task.values()) / len(per_task)
+        out["normalized_acc_paper_rule"] = sum(  # a task whose endpoint scores 0 has no normalized accuracy (nan)
+            e["acc_paper_rule"] / e["finetuned_acc"] if e["finetuned_acc"] > 0 else math.nan
+            for e in per_task.values()) / len(per_task)
     return out
 
 
@@ -299,8 +279,11 @@ def make_logger(cfg: DictConfig, output_dir: Path) -> Any:
     raise ConfigError(f"unknown logger.name {name!r}; valid: wandb, csv, none")
 
 
-def run_evaluation(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
-    """The `mass-exp` job: assets -> coefficient -> test evaluation -> results.json, logs and table."""
+def run_evaluation(cfg: DictConfig, output_dir: Path, run_hash: str | None = None) -> dict[str, Any]:
+    """The `mass-exp` job: assets -> coefficient -> test evaluation -> results.json, logs and table.
+
+    `run_hash` identifies the config (see `mass_exp.resume`); it is recorded so a rerun can recognise the result.
+    """
     t0 = time.time()
     L.seed_everything(int(cfg.seed), verbose=False)
     assets = prepare_assets(cfg)
@@ -316,6 +299,7 @@ def run_evaluation(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     per_task = evaluate_predictor(cfg, assets, predictor, test_loaders, reference, "test", logger)
     results = {
         "status": "complete",
+        "run_hash": run_hash,
         "method": cfg.method.name,
         "router": {"name": cfg.router.name},
         "backbone": cfg.backbone.name,
@@ -334,11 +318,15 @@ def run_evaluation(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     if isinstance(predictor, RoutedPredictor):
         results["router"] = {"name": cfg.router.name, "confusion_matrix": getattr(predictor, "confusion_matrix", None),
                              "timings_s": predictor.timings, "expert_cache": predictor.experts.stats()}
-        if results["router"]["confusion_matrix"] is not None:
-            from mass_exp.reporting.plots import plot_confusion
+    from mass_exp.evaluation.sampling import is_rank_zero
 
-            plot_confusion(results["router"]["confusion_matrix"], [t.name for t in assets.tasks],
-                           output_dir / "router_confusion.png", title=cfg.run_name)
+    if not is_rank_zero():  # distributed: every rank holds the same reduced results; rank 0 alone writes them
+        return results
+    if results["router"].get("confusion_matrix") is not None:
+        from mass_exp.reporting.plots import plot_confusion
+
+        plot_confusion(results["router"]["confusion_matrix"], [t.name for t in assets.tasks],
+                       output_dir / "router_confusion.png", title=cfg.run_name)
     if logger:
         _log_summary(logger, results, output_dir)
     atomic_write_json(output_dir / "results.json", results)

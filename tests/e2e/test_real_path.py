@@ -42,6 +42,7 @@ def _write_dataset(path: Path, classnames: list[str], n_train: int, n_test: int,
             {"image": [Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(n)],
              "label": rng.integers(0, len(classnames), n).tolist()}, features=feats)
 
+    datasets.disable_progress_bars()
     datasets.DatasetDict({"train": split(n_train), "test": split(n_test)}).save_to_disk(str(path))
 
 
@@ -68,7 +69,7 @@ def fake_world(tmp_path_factory) -> dict:
 
 def _overrides(root: Path) -> list[str]:
     return ["backbone=tiny", "backbone.pretrained=openai", f"backbone.hf_hub={HUB_REPO}", "suite=8", "endpoints=local",
-            f"endpoints.pattern={root}/endpoints/{{task}}/finetuned.*", f"data.local_pattern={root}/data/{{task}}",
+            f"endpoints.pattern='{root}/endpoints/{{task}}/finetuned.*'", f"data.local_pattern='{root}/data/{{task}}'",
             "logger=csv", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false"]
 
 
@@ -100,7 +101,7 @@ def test_prefetch_verifies_everything_offline(fake_world):
 
 def test_offline_run_with_missing_backbone_weights_stops_with_one_line(fake_world, tmp_path):
     root = fake_world["root"]
-    proc = _run("evaluate", _overrides(root), root, tmp_path / "empty_hub", cache=tmp_path / "cache")
+    proc = _run("evaluate", _overrides(root) + ["resume=false"], root, tmp_path / "empty_hub", cache=tmp_path / "cache")
     assert proc.returncode == 2
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1
