@@ -37,3 +37,36 @@ def plot_confusion(matrix: Sequence[Sequence[int]], names: Sequence[str], path: 
         fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
     return path
+
+
+def plot_per_task(values: dict[str, dict[str, float | None]], tasks: Sequence[str], path: str | Path,
+                  title: str = "", ylabel: str = "normalized accuracy (%)") -> Path:
+    """Grouped bar chart: one group per task, one bar per method (row label); missing values are left out."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    labels = list(values)
+    n = max(len(labels), 1)
+    width = 0.8 / n
+    x = np.arange(len(tasks))
+    width_in = min(24.0, max(7.0, 0.12 * n * len(tasks) + 4.0))
+    fig, ax = plt.subplots(figsize=(width_in, max(4.8, 0.17 * n + 1.0)))
+    cmap = plt.get_cmap("tab20" if n > 10 else "tab10")
+    for i, label in enumerate(labels):
+        ys = np.array([np.nan if values[label].get(t) is None else values[label][t] for t in tasks], dtype=float)
+        ax.bar(x - 0.4 + (i + 0.5) * width, ys, width, label=label, color=cmap(i % cmap.N),
+               hatch="//" if i >= cmap.N else None)
+    ax.set_xticks(x, tasks, rotation=45 if len(tasks) > 8 else 0, ha="right" if len(tasks) > 8 else "center")
+    ax.set_ylabel(ylabel)
+    ax.axhline(100, color="grey", lw=0.8, ls="--")
+    ax.set_title(title)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return path
