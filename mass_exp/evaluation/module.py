@@ -1,11 +1,15 @@
 """The one Lightning module that evaluates any method on every task of a suite.
 
 Each task is one test dataloader (dataloader_idx = task index). Per-task correct/total counts are torchmetrics
-`SumMetric`s, so they are exact and reduced across ranks under DDP.
+`SumMetric`s, so they are exact and reduced across ranks under DDP (the loaders are sharded without padding by
+`mass_exp.evaluation.sampling`). Every rank computes the same results: all metric syncs happen in
+`on_test_epoch_end`, in the same order on every rank, whatever data a rank saw (possibly none of a task: one empty
+batch), and which router diagnostics exist is agreed on across ranks first.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Mapping, Sequence
 
 import lightning as L
@@ -16,6 +20,9 @@ from torchmetrics.classification import MulticlassConfusionMatrix
 
 from mass_exp.evaluation.predictors import Predictor
 
+
+# the figures logged at epoch end are computed from metrics already reduced across ranks: no `sync_dist` needed
+warnings.filterwarnings("ignore", message=r".*sync_dist=True.* when logging on epoch level in distributed setting")
 
 # per-sample outputs of routing predictors, summed per task; names in results.json
 EXTRA_SUMS = ("correct_paper_rule", "task_id_correct", "survival", "set_size")
@@ -49,6 +56,8 @@ class EvaluationModule(L.LightningModule):
     def test_step(self, batch, batch_idx: int, dataloader_idx: int = 0):
         images, labels = batch
         t = dataloader_idx
+        if len(labels) == 0:  # a rank with no sample of this task (see sampling.shard_loader)
+            return
         out = self.predictor.predict(images, t, labels)
         ok = (out["pred_task"] == t) & (out["pred_class"] == labels)
         self.correct[t].update(ok.sum().float())
@@ -60,7 +69,17 @@ class EvaluationModule(L.LightningModule):
         if "routed_task" in out:
             self.confusion.update(out["routed_task"], torch.full_like(out["routed_task"], t))
 
+    def _seen_on_any_rank(self) -> list[str]:
+        """The diagnostics some rank produced, the same sorted list on every rank (a rank may have seen no data)."""
+        keys = list(EXTRA_SUMS)
+        flags = torch.tensor([float(k in self._seen) for k in keys], device=self.device)
+        if self._trainer is not None and self.trainer.world_size > 1:
+            flags = self.trainer.strategy.reduce(flags, reduce_op="sum")
+        return sorted(k for k, f in zip(keys, flags.tolist()) if f > 0)
+
     def on_test_epoch_end(self) -> None:
+        seen = self._seen_on_any_rank()
+        self._seen = set(seen)
         per_task = {}
         for i, name in enumerate(self.task_names):
             correct, total = int(self.correct[i].compute().item()), int(self.total[i].compute().item())
@@ -71,7 +90,7 @@ class EvaluationModule(L.LightningModule):
                 entry["finetuned_acc"] = ref
                 entry["normalized_acc"] = acc / ref if ref > 0 else float("nan")
             if total:
-                for key in sorted(self._seen):
+                for key in seen:
                     entry[EXTRA_NAMES[key]] = self.extra[key][i].compute().item() / total
             per_task[name] = entry
         self.results = per_task
