@@ -45,6 +45,7 @@ class Assets:
     endpoints_id: str  # identifies the set of endpoints (for cache keys)
     data_dirs: dict[str, Path] = field(default_factory=dict)  # task -> local dataset directory (mini or local copies)
     packaged_reference: dict[str, float] | None = None  # published fine-tuned accuracies of the source, if any
+    reference_sources: dict[str, str] = field(default_factory=dict)  # split -> where its reference accuracies came from
 
     @property
     def mini_dirs(self) -> dict[str, Path]:  # historical name used by the loaders

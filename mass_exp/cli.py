@@ -88,9 +88,9 @@ def _evaluate(cfg: DictConfig) -> float:
 
 
 def _is_rank_zero() -> bool:
-    from lightning.fabric.utilities.rank_zero import rank_zero_only
+    from mass_exp.evaluation.sampling import is_rank_zero
 
-    return getattr(rank_zero_only, "rank", 0) == 0
+    return is_rank_zero()
 
 
 @_guarded

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -15,16 +14,13 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.utils.data import DataLoader
 
 from mass_exp.data.datasets import ImageClassificationDataset, load_split
-from mass_exp.data.tasks import TaskSpec, get_tasks
 from mass_exp.assets import Assets, prepare_assets  # noqa: F401 - prepare_assets is part of the pipeline API
 from mass_exp.errors import ConfigError
 from mass_exp.evaluation.module import EvaluationModule
 from mass_exp.evaluation.predictors import PerTaskPredictor, Predictor, RoutedPredictor, StaticPredictor
 from mass_exp.merging.registry import get_merger
 from mass_exp.merging.task_vectors import LazyStateDict
-from mass_exp.models.clip import create_clip
-from mass_exp.models.heads import load_or_build_heads
-from mass_exp.utils.io import atomic_write_json, load_tensors, save_tensors, stable_hash
+from mass_exp.utils.io import atomic_write_json, stable_hash
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +150,20 @@ def evaluate_predictor(cfg: DictConfig, assets: Assets, predictor: Predictor, lo
     return module.results
 
 
+def packaged_accuracies(assets: Assets, split: str) -> dict[str, float] | None:
+    """The endpoint source's published fine-tuned accuracies for every task ('<Task>Val' keys for validation), or
+    None when the source ships none or misses a task (the accuracies are then measured)."""
+    table = assets.packaged_reference
+    if not table:
+        return None
+    keys = {t.name: t.name if split == "test" else f"{t.name}Val" for t in assets.tasks}
+    missing = [k for k in keys.values() if k not in table]
+    if missing:
+        log.info("no published fine-tuned %s accuracy for %s: measuring them instead", split, ", ".join(missing))
+        return None
+    return {name: float(table[k]) for name, k in keys.items()}
+
+
 def finetuned_accuracies(cfg: DictConfig, assets: Assets, split: str, loaders: Sequence[DataLoader]) -> dict[str, float]:
     """Each endpoint's accuracy on its own task (the normalized-accuracy reference), measured once and cached.
 
@@ -172,6 +182,11 @@ def finetuned_accuracies(cfg: DictConfig, assets: Assets, split: str, loaders: S
     def read() -> dict[str, float] | None:
         return json.loads(path.read_text()) if path.exists() else None
 
+    packaged = packaged_accuracies(assets, split)
+    if packaged is not None:
+        assets.reference_sources[split] = f"published ({cfg.endpoints.source}, packaged)"
+        return packaged
+    assets.reference_sources[split] = f"measured ({cfg.endpoints.source} endpoints, {split} split)"
     cached = from_rank_zero(read() if is_rank_zero() else None) if distributed() else read()
     if cached is not None:
         return cached
@@ -308,7 +323,7 @@ def run_evaluation(cfg: DictConfig, output_dir: Path, run_hash: str | None = Non
         "alpha_protocol": cfg.method.get("alpha_protocol", "fixed") if alpha is not None else None,
         "alpha_sweep": curve,
         "lambda_selection": lambda_selection,
-        "finetuned_acc_source": f"measured ({cfg.endpoints.source} endpoints, test split)",
+        "finetuned_acc_source": assets.reference_sources.get("test"),
         "tasks": per_task,
         "average": _averages(per_task),
         "eval_batch_size": int(cfg.eval.batch_size),
@@ -329,6 +344,9 @@ def run_evaluation(cfg: DictConfig, output_dir: Path, run_hash: str | None = Non
                        output_dir / "router_confusion.png", title=cfg.run_name)
     if logger:
         _log_summary(logger, results, output_dir)
+    if cfg.method.name == "finetuned":  # the measured fine-tuned accuracies, in the packaged files' format
+        atomic_write_json(output_dir / "finetuned_acc.json",
+                          {cfg.backbone.name: {n: e["acc"] for n, e in per_task.items()}})
     atomic_write_json(output_dir / "results.json", results)
     print(format_table(results))
     log.info("results written to %s", output_dir / "results.json")

@@ -57,7 +57,11 @@ def build_mini_task(task: str, gen: dict, data_dir: str | os.PathLike) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
         datasets.DatasetDict(splits).save_to_disk(str(tmp))
-        os.replace(tmp, out)
+        try:
+            os.replace(tmp, out)
+        except OSError:  # another process (e.g. a DDP rank) finished the same dataset first: keep its copy
+            if not (out / "dataset_dict.json").exists():
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("generated mini task %s (%s) in %.1fs -> %s", task,

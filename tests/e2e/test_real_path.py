@@ -108,3 +108,16 @@ def test_offline_run_with_missing_backbone_weights_stops_with_one_line(fake_worl
     assert HUB_REPO in lines[0] and "mass-exp-prefetch" in lines[0]
     # it stopped before any work: nothing was converted, no head was built
     assert not (tmp_path / "cache" / "endpoints").exists() and not (tmp_path / "cache" / "heads").exists()
+
+
+def test_method_finetuned_measures_and_stores_the_reference_for_any_source(fake_world):
+    root = fake_world["root"]
+    run_dir = root / "out" / "finetuned"
+    proc = _run("evaluate", _overrides(root) + ["method=finetuned", "router=none", f"hydra.run.dir={run_dir}"],
+                root, root / "hub")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    res = json.loads((run_dir / "results.json").read_text())
+    stored = json.loads((run_dir / "finetuned_acc.json").read_text())
+    assert stored == {"tiny": {t: e["acc"] for t, e in res["tasks"].items()}}
+    assert res["finetuned_acc_source"].startswith("measured (local")
+    assert all(e["normalized_acc"] == pytest.approx(1.0) for e in res["tasks"].values() if e["acc"] > 0)
