@@ -49,7 +49,8 @@ def _summary(cfg: dict) -> tuple:
 
 def test_presets_exist():
     names = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
-    assert names == ["batched_routing", "main_table", "main_table_mini", "router_ablation", "routing_block_sweep"]
+    assert names == ["batched_routing", "main_table", "main_table_mini", "main_table_validated", "router_ablation",
+                     "routing_block_sweep"]
 
 
 def test_main_table_is_methods_plus_mass_not_methods_x_routers():
@@ -147,7 +148,8 @@ def test_routing_block_sweep():
 
 
 def test_sweep_dirs_are_per_preset():
-    for preset in ("main_table", "main_table_mini", "router_ablation", "batched_routing", "routing_block_sweep"):
+    for preset in ("main_table", "main_table_mini", "main_table_validated", "router_ablation", "batched_routing",
+                   "routing_block_sweep"):
         with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
             cfg = compose(config_name="config", overrides=[f"+experiment={preset}"], return_hydra_config=True)
         assert f"/multiruns/{preset}/" in OmegaConf.to_container(cfg.hydra.sweep, resolve=False)["dir"]
@@ -174,3 +176,17 @@ def test_slurm_launcher_config_composes_when_the_plugin_is_installed(monkeypatch
     assert resolved["partition"] == "gpu" and resolved["account"] is None
     assert resolved["gpus_per_node"] == 1 and resolved["tasks_per_node"] == 1
     assert isinstance(resolved["timeout_min"], int) and isinstance(resolved["mem_gb"], int)
+
+
+def test_main_table_validated_chooses_every_coefficient_on_validation():
+    jobs = _jobs("main_table_validated", ["backbone=ViT-B-32", "suite='8'"])
+    cfgs = _compose_all(jobs)
+    rows = {(c["method"]["name"], c["router"]["name"]): c["method"] for c in cfgs}
+    assert len(cfgs) == 10 and len(rows) == 10
+    for m in ("task_arithmetic", "ties", "consensus", "tsv_m", "iso_c", "iso_cts"):
+        method = rows[(m, "none")]
+        assert method["alpha_protocol"] == "validation" and method["alpha_grid"], m
+    assert rows[("consensus", "none")]["lambda_protocol"] == "validation"
+    assert rows[("tsv_m", "projection")]["alpha_protocol"] == "fixed"  # MASS keeps alpha = 1
+    assert {c["logger"]["group"] for c in cfgs} == {"main_table_validated"}
+    assert len(_jobs("main_table_validated")) == 90
