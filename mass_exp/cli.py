@@ -107,6 +107,9 @@ def _prefetch(cfg: DictConfig) -> None:
     """Download and verify every asset the run described by `cfg` needs, so it can later run offline."""
     from mass_exp.assets import prepare_assets
 
+    import datasets
+
+    datasets.enable_progress_bars()  # downloads are long: show them (the run commands keep datasets quiet)
     splits = tuple(cfg.get("prefetch_splits") or ("test", "validation"))
     assets = prepare_assets(cfg, download=True, splits=splits)
     print(f"prefetched {cfg.backbone.name} ({assets.weights_id}), {len(assets.tasks)} endpoints "

@@ -22,26 +22,12 @@ from mass_exp.endpoints.loading import (
 )
 from mass_exp.errors import ConfigError
 from mass_exp.merging.task_vectors import LazyStateDict
-from mass_exp.models.clip import create_clip
+
+from .conftest import perturbed
 
 OPT_IN = "endpoints.allow_unsafe_pickle=true"
 
 
-@pytest.fixture(scope="module")
-def clip():
-    torch.manual_seed(0)
-    model, _, _ = create_clip("mass-tiny-ViT", None)
-    return model
-
-
-@pytest.fixture(scope="module")
-def ref(clip):
-    return {k: v.clone() for k, v in clip.visual.state_dict().items()}
-
-
-def _perturbed(ref, seed):
-    g = torch.Generator().manual_seed(seed)
-    return {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in ref.items()}
 
 
 def _assert_same(a, b):
@@ -100,7 +86,7 @@ def test_pickled_module_needs_the_opt_in_and_then_loads_even_if_its_class_is_gon
     monkeypatch.syspath_prepend(str(tmp_path))
     from trainrepo_src import modeling
 
-    want = _perturbed(ref, 1)
+    want = perturbed(ref, 1)
     import copy
 
     full = copy.deepcopy(clip)
@@ -124,7 +110,7 @@ def test_pickled_module_needs_the_opt_in_and_then_loads_even_if_its_class_is_gon
 
 
 def test_containers_and_prefixes_are_unwrapped(tmp_path, clip, ref):
-    want = _perturbed(ref, 2)
+    want = perturbed(ref, 2)
     full = {**{f"visual.{k}": v for k, v in want.items()},
             **{k: v for k, v in clip.state_dict().items() if not k.startswith("visual.")}}
     cases = {
@@ -208,7 +194,7 @@ def test_check_non_finite_values(ref, bad):
 
 
 def test_materialize_writes_checked_visual_and_reuses_it(tmp_path, ref, monkeypatch):
-    want = _perturbed(ref, 3)
+    want = perturbed(ref, 3)
     src = tmp_path / "ft.pt"
     torch.save({f"model.visual.{k}": v for k, v in want.items()}, src)
     out_dir = tmp_path / "out"
@@ -227,12 +213,12 @@ def test_materialize_writes_checked_visual_and_reuses_it(tmp_path, ref, monkeypa
     # another backbone name or other contents -> another file
     monkeypatch.undo()
     assert materialize_endpoint(src, out_dir, ref, backbone="other") != out
-    torch.save({f"model.visual.{k}": v for k, v in _perturbed(ref, 4).items()}, src)
+    torch.save({f"model.visual.{k}": v for k, v in perturbed(ref, 4).items()}, src)
     assert materialize_endpoint(src, out_dir, ref, backbone="mass-tiny-ViT") != out
 
 
 def test_materialize_rejects_a_bad_checkpoint_and_writes_nothing(tmp_path, ref):
-    bad = _perturbed(ref, 5)
+    bad = perturbed(ref, 5)
     bad["proj"] = torch.full_like(bad["proj"], float("nan"))
     torch.save(bad, tmp_path / "bad.pt")
     with pytest.raises(ConfigError, match=r"bad\.pt: parameter 'proj' has \d+ non-finite"):
@@ -241,7 +227,7 @@ def test_materialize_rejects_a_bad_checkpoint_and_writes_nothing(tmp_path, ref):
 
 
 def test_materialize_fills_only_proj_from_the_pretrained_visual(tmp_path, ref, caplog):
-    want = _perturbed(ref, 6)
+    want = perturbed(ref, 6)
     hf = open_clip_to_hf_clip_vision(want, with_projection=False)
     save_file({k: v.contiguous() for k, v in hf.items()}, str(tmp_path / "model.safetensors"))
     with pytest.raises(ConfigError, match=r"parameter 'proj' is missing"):

@@ -22,7 +22,8 @@ from mass_exp.endpoints.sources import (
 )
 from mass_exp.errors import ConfigError
 from mass_exp.merging.task_vectors import LazyStateDict
-from mass_exp.models.clip import create_clip
+
+from .conftest import perturbed
 
 ARCH = "mass-tiny-ViT"
 TASKS = ["Cars", "DTD"]
@@ -33,21 +34,6 @@ def _offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
-@pytest.fixture(scope="module")
-def clip():
-    torch.manual_seed(0)
-    model, _, _ = create_clip(ARCH, None)
-    return model
-
-
-@pytest.fixture(scope="module")
-def ref(clip):
-    return {k: v.clone() for k, v in clip.visual.state_dict().items()}
-
-
-def _perturbed(ref, seed):
-    g = torch.Generator().manual_seed(seed)
-    return {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in ref.items()}
 
 
 def _torch_bytes(obj) -> bytes:
@@ -96,7 +82,7 @@ def _full_clip_sd(clip, visual):
 
 
 def _fill_tall_masks(cache, clip, ref):
-    weights = {"pretrained": _perturbed(ref, 10), "Cars": _perturbed(ref, 11), "DTD": _perturbed(ref, 12)}
+    weights = {"pretrained": perturbed(ref, 10), "Cars": perturbed(ref, 11), "DTD": perturbed(ref, 12)}
     base = f"single_task/{ARCH}"
     put_hub_file(cache, "nik-dim/tall_masks", f"{base}/MNISTVal/nonlinear_zeroshot.pt",
                  _torch_bytes({f"model.{k}": v for k, v in _full_clip_sd(clip, weights["pretrained"]).items()}))
@@ -184,7 +170,7 @@ def test_offline_missing_cache_file(tmp_path, clip, ref):
 
 
 def _fill_retrained(cache, clip, ref):
-    weights = {"pretrained": _perturbed(ref, 20), "Cars": _perturbed(ref, 21), "DTD": _perturbed(ref, 22)}
+    weights = {"pretrained": perturbed(ref, 20), "Cars": perturbed(ref, 21), "DTD": perturbed(ref, 22)}
     # the file name differs across repos, as it changed over time
     put_hub_file(cache, f"crisostomi/{ARCH}-base", "pytorch_model.bin",
                  _torch_bytes(_full_clip_sd(clip, weights["pretrained"])))
@@ -254,7 +240,7 @@ def test_pick_weight_file_priority():
 
 def test_fusion_bench_transformers_weights(tmp_path, ref):
     cache = tmp_path / "hub"
-    weights = {"Cars": _perturbed(ref, 31), "DTD": _perturbed(ref, 32)}
+    weights = {"Cars": perturbed(ref, 31), "DTD": perturbed(ref, 32)}
     opts = {"model_names": {ARCH: "clip-tiny"}}
     for task, hub_task in (("Cars", "stanford-cars"), ("DTD", "dtd")):
         hf = open_clip_to_hf_clip_vision(weights[task], with_projection=False)  # CLIPVisionModel: no projection
@@ -266,7 +252,7 @@ def test_fusion_bench_transformers_weights(tmp_path, ref):
     assert resolved.hub_files() == [("tanganke/clip-tiny_stanford-cars", "model.safetensors"),
                                     ("tanganke/clip-tiny_dtd", "model.safetensors")]
     assert {f.kind for f in resolved.finetuned.values()} == {"hf_clip_vision"}
-    pretrained_visual = _perturbed(ref, 30)
+    pretrained_visual = perturbed(ref, 30)
     pre, fts = _materialized(resolved, tmp_path, ref, pretrained_visual_sd=pretrained_visual)
     assert pre is None
     for task in TASKS:  # every parameter as written, the projection from the pretrained visual
@@ -291,7 +277,7 @@ def test_fusion_bench_names_for_the_real_backbones():
 
 
 def test_local_pattern(tmp_path, clip, ref):
-    weights = {"pretrained": _perturbed(ref, 40), "Cars": _perturbed(ref, 41), "DTD": _perturbed(ref, 42)}
+    weights = {"pretrained": perturbed(ref, 40), "Cars": perturbed(ref, 41), "DTD": perturbed(ref, 42)}
     for task in TASKS:
         p = tmp_path / "ckpts" / ARCH / task.lower() / "finetuned.pt"
         p.parent.mkdir(parents=True)
