@@ -30,7 +30,8 @@ def run_cli(args: list[str], out_dir: Path, entry: str = "evaluate", timeout: in
 
 
 def find_results(out_dir: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted(out_dir.rglob("results.json"))]
+    """The results.json of each run directory under `out_dir` (not the copies filed in the results store)."""
+    return [json.loads(p.read_text()) for p in sorted(out_dir.rglob("results.json")) if "results_store" not in p.parts]
 
 
 @pytest.fixture(scope="session")
