@@ -47,10 +47,6 @@ class Assets:
     packaged_reference: dict[str, float] | None = None  # published fine-tuned accuracies of the source, if any
     reference_sources: dict[str, str] = field(default_factory=dict)  # split -> where its reference accuracies came from
 
-    @property
-    def mini_dirs(self) -> dict[str, Path]:  # historical name used by the loaders
-        return self.data_dirs
-
 
 def _cache_dir(cfg: DictConfig) -> Path:
     return Path(cfg.paths.cache_dir)

@@ -36,7 +36,7 @@ def make_loaders(cfg: DictConfig, assets: Assets, split: str) -> list[DataLoader
     limit = cfg.eval.max_samples_per_task
     loaders = []
     for task in assets.tasks:
-        hf = load_split(task, split, mini_dirs=assets.mini_dirs, cache_dir=cfg.paths.hf_cache_dir)
+        hf = load_split(task, split, local_dirs=assets.data_dirs, cache_dir=cfg.paths.hf_cache_dir)
         ds = ImageClassificationDataset(hf, assets.preprocess, limit=limit)
         loaders.append(DataLoader(ds, batch_size=int(cfg.eval.batch_size), num_workers=int(cfg.eval.num_workers),
                                   shuffle=False))

@@ -94,7 +94,8 @@ def load_split(task: TaskSpec, split: str, *, mini_dirs: dict[str, Path] | None 
     import datasets
 
     if task.source == "mini":
-        if not mini_dirs or task.name not in mini_dirs:
+        mini_dirs = {**(local_dirs or {}), **(mini_dirs or {})}
+        if task.name not in mini_dirs:
             raise ConfigError(f"mini task {task.name!r} has not been generated; run with endpoints=mini")
         dd = datasets.load_from_disk(str(mini_dirs[task.name]))
         return dd[split]
