@@ -42,7 +42,7 @@ from mass_exp.endpoints.hf_clip import (
     hf_clip_vision_to_open_clip,
 )
 from mass_exp.errors import ConfigError
-from mass_exp.utils.io import load_tensors, save_tensors, stable_hash
+from mass_exp.utils.io import file_sha256, load_tensors, save_tensors, stable_hash
 
 log = logging.getLogger(__name__)
 
@@ -231,19 +231,6 @@ def check_visual_state_dict(sd: Mapping[str, torch.Tensor], reference: Mapping[s
 
 
 # -------------------------------------------------------------------------------------------- materialize
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """sha256 of a file's contents. A Hugging Face cache blob (``.../blobs/<64 hex>``) is named by exactly this
-    hash (LFS files), so it is taken from the name instead of re-reading hundreds of MB."""
-    real = Path(os.path.realpath(path))
-    if real.parent.name == "blobs" and re.fullmatch(r"[0-9a-f]{64}", real.name):
-        return real.name
-    h = hashlib.sha256()
-    with open(real, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _tensor_digest(tensors: Mapping[str, torch.Tensor]) -> str:

@@ -31,6 +31,7 @@ from mass_exp.merging.task_vectors import (
     param_dtype,
     param_shape,
 )
+from mass_exp.utils.io import file_sha256
 
 __all__ = [
     "FORMAT",
@@ -412,15 +413,6 @@ def _svd_error(
 
 # --------------------------------------------------------------------------------------------------------------
 # on-disk cache
-
-
-def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
-    """sha256 of a file's contents, streamed in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _cached_sha256(path: Path, hash_cache: Path | None) -> str:

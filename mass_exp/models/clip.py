@@ -6,7 +6,6 @@ file is in the local HF cache (offline clusters) and which exact snapshot it use
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from typing import Any, Callable
 import torch
 
 from mass_exp.errors import ConfigError
+from mass_exp.utils.io import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -75,15 +75,7 @@ def hub_repo_for(arch: str, tag: str, override: str | None = None) -> str:
     if not hub:
         raise ConfigError(f"open_clip has no HF hub weights for backbone.arch={arch} backbone.pretrained={tag}; "
                           "give a local file with backbone.pretrained=<path>")
-    return hub.rstrip("/").split("/", 2)[0] + "/" + hub.rstrip("/").split("/", 2)[1]
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+    return "/".join(hub.strip("/").split("/")[:2])  # "org/name/" or "org/name/file.bin" -> "org/name"
 
 
 def _commit_of(path: Path) -> str:

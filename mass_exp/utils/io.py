@@ -6,12 +6,26 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import torch
 from safetensors.torch import load_file, save_file
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    """sha256 of a file's contents, streamed. A Hugging Face cache blob (``.../blobs/<64 hex>``) is named by exactly
+    this hash (LFS files), so it is taken from the name instead of re-reading hundreds of MB."""
+    real = Path(os.path.realpath(path))
+    if real.parent.name == "blobs" and re.fullmatch(r"[0-9a-f]{64}", real.name):
+        return real.name
+    h = hashlib.sha256()
+    with open(real, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def stable_hash(obj: Any, length: int = 16) -> str:
