@@ -8,13 +8,33 @@ from typing import Sequence
 from mass_exp.utils.io import atomic_path
 
 
-def plot_confusion(matrix: Sequence[Sequence[int]], names: Sequence[str], path: str | Path, title: str = "") -> Path:
-    """Router task confusion matrix: rows = true task, columns = routed task (argmax p), row-normalised."""
+def _pyplot():
+    """matplotlib.pyplot on the headless Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save_png(fig, path: str | Path, dpi: int) -> Path:
+    """Lay out, write atomically (temporary file, then rename) and close the figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
+    plt.close(fig)
+    return path
+
+
+def plot_confusion(matrix: Sequence[Sequence[int]], names: Sequence[str], path: str | Path, title: str = "") -> Path:
+    """Router task confusion matrix: rows = true task, columns = routed task (argmax p), row-normalised."""
     import numpy as np
+
+    plt = _pyplot()
 
     m = np.asarray(matrix, dtype=float)
     norm = m / np.maximum(m.sum(1, keepdims=True), 1)
@@ -31,22 +51,15 @@ def plot_confusion(matrix: Sequence[Sequence[int]], names: Sequence[str], path: 
                 ax.text(j, i, f"{100 * norm[i, j]:.0f}", ha="center", va="center", fontsize=7,
                         color="white" if norm[i, j] > 0.5 else "black")
     ax.set_title(title or "router confusion (%)")
-    fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
-    return path
+    return _save_png(fig, path, dpi=120)
 
 
 def plot_per_task(values: dict[str, dict[str, float | None]], tasks: Sequence[str], path: str | Path,
                   title: str = "", ylabel: str = "normalized accuracy (%)") -> Path:
     """Grouped bar chart: one group per task, one bar per method (row label); missing values are left out."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+
+    plt = _pyplot()
 
     labels = list(values)
     n = max(len(labels), 1)
@@ -64,9 +77,4 @@ def plot_per_task(values: dict[str, dict[str, float | None]], tasks: Sequence[st
     ax.axhline(100, color="grey", lw=0.8, ls="--")
     ax.set_title(title)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return path
+    return _save_png(fig, path, dpi=110)
