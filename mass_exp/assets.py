@@ -19,7 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from mass_exp.data.datasets import hub_offline, load_split
-from mass_exp.data.tasks import TaskSpec, get_tasks
+from mass_exp.data.tasks import HEAD_SOURCES, TaskSpec, check_label_names, get_tasks, source_record
 from mass_exp.errors import ConfigError
 from mass_exp.models.clip import BackboneWeights, create_clip, resolve_backbone_weights
 from mass_exp.models.heads import load_or_build_heads
@@ -27,8 +27,23 @@ from mass_exp.utils.io import load_tensors, save_tensors, stable_hash
 
 log = logging.getLogger(__name__)
 
-# published fine-tuned accuracies shipped with the package, per endpoint source (see resources/README.md)
-PACKAGED_REFERENCE = {"tall_masks": "finetuned_acc_tall_masks.json", "retrained": "finetuned_acc_retrained.json"}
+
+def head_source(cfg: DictConfig) -> str | None:
+    """The checkpoint source whose heads, data, preprocessing, validation split and reference accuracies a run uses:
+    ``endpoints.head_source`` (each conf/endpoints/<source>.yaml sets its own; ``local`` documents its default),
+    else the endpoint source itself when it is one of `HEAD_SOURCES`; None for the generated mini suite."""
+    e = cfg.endpoints
+    if e.source == "mini":
+        return None
+    hs = e.get("head_source") or (e.source if e.source in HEAD_SOURCES else None)
+    if hs is not None and hs not in HEAD_SOURCES:
+        raise ConfigError(f"endpoints.head_source={hs!r} is not one of {list(HEAD_SOURCES)}")
+    return hs
+
+
+def run_tasks(cfg: DictConfig) -> list[TaskSpec]:
+    """The suite's tasks as the run's head source sees them."""
+    return get_tasks(list(cfg.suite.tasks), head_source(cfg))
 
 
 @dataclass
@@ -58,7 +73,7 @@ def prepare_assets(cfg: DictConfig, *, download: bool | None = None, splits: tup
     `download=None` downloads missing hub files unless HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set. `splits` are
     the dataset splits opened (downloaded) up front; default: those the run's method reads.
     """
-    tasks = get_tasks(list(cfg.suite.tasks))
+    tasks = run_tasks(cfg)
     if cfg.endpoints.source == "mini":
         return _mini_assets(cfg, tasks)
     return _hub_assets(cfg, tasks, download=(not hub_offline()) if download is None else download,
@@ -110,18 +125,43 @@ def local_data_dirs(cfg: DictConfig, tasks: list[TaskSpec]) -> dict[str, Path]:
     return out
 
 
-def check_task_data(cfg: DictConfig, tasks: list[TaskSpec], data_dirs: dict[str, Path], splits: tuple[str, ...]) -> None:
-    """Open every split a run will read (memory-mapped, cheap) and check its labels fit the task's class names."""
+def check_task_data(cfg: DictConfig, tasks: list[TaskSpec], data_dirs: dict[str, Path], splits: tuple[str, ...]
+                    ) -> list[TaskSpec]:
+    """Open every split a run will read (memory-mapped, cheap) and check its labels against the task (the label
+    guard, `data.tasks.check_label_names`); returns the tasks, with head rows read from the dataset's ClassLabel
+    where the head source builds its heads that way (`classnames_from_dataset`)."""
+    data = cfg.get("data") or {}
+    accept = set(data.get("accept_label_mismatch") or [])
+    unknown = accept - {t.name for t in tasks}
+    if unknown:
+        raise ConfigError(f"data.accept_label_mismatch names {sorted(unknown)[0]!r}, which is not a task of this suite")
+    out = []
     for t in tasks:
+        names = None
         for split in splits:
             ds = load_split(t, split, local_dirs=data_dirs, cache_dir=cfg.paths.hf_cache_dir)
             if len(ds) == 0:
                 raise ConfigError(f"task {t.name}: the {split} split is empty ({data_dirs.get(t.name) or t.hf_dataset})")
             feat = ds.features.get("label")
             n = getattr(feat, "num_classes", None)
-            if n is not None and n != t.num_classes:
+            if n is not None and n != t.num_labels:
                 raise ConfigError(f"task {t.name}: the dataset's label feature has {n} classes but the task lists "
-                                  f"{t.num_classes} class names (resources/tasks.json); wrong dataset or config?")
+                                  f"{t.num_labels} labels (resources/tasks.json); wrong dataset or config?")
+            if getattr(feat, "names", None):
+                names = list(feat.names)
+                bad = check_label_names(t, names, accept=t.name in accept)
+                if bad:
+                    i, got, want = bad[0]
+                    log.warning("task %s: %d dataset label names differ from the %s class list (first: label %d %r vs "
+                                "%r); accepted by data.accept_label_mismatch", t.name, len(bad), t.head_source, i, got, want)
+        if t.classnames_from_dataset:
+            if names is None:
+                log.warning("task %s: the dataset has no ClassLabel names; its %s head uses the packaged copy",
+                            t.name, t.head_source)
+            else:
+                t = t.with_dataset_classnames(names)
+        out.append(t)
+    return out
 
 
 def splits_needed(cfg: DictConfig) -> tuple[str, ...]:
@@ -130,10 +170,13 @@ def splits_needed(cfg: DictConfig) -> tuple[str, ...]:
     return ("test", "validation") if needs_val else ("test",)
 
 
-def packaged_reference(source: str, backbone: str, tasks: list[TaskSpec]) -> dict[str, float] | None:
-    """The source's published fine-tuned accuracies (test split; '<Task>Val' keys for validation) for `backbone`."""
-    name = PACKAGED_REFERENCE.get(source)
-    if name is None:
+def packaged_reference(source: str | None, backbone: str, tasks: list[TaskSpec]) -> dict[str, float] | None:
+    """The head source's published fine-tuned accuracies (test split; '<Task>Val' keys for validation) for
+    `backbone`: the file its `resources/sources/<source>.json` names under ``reference_acc``, or None."""
+    if source not in HEAD_SOURCES:
+        return None
+    name = source_record(source).get("reference_acc")
+    if not name:
         return None
     table = json.loads(resources.files("mass_exp").joinpath(f"resources/{name}").read_text()).get(backbone)
     if not table:
@@ -157,7 +200,7 @@ def _hub_assets(cfg: DictConfig, tasks: list[TaskSpec], download: bool, splits: 
     resolved = resolve_endpoints(e.source, backbone=b.arch, tasks=[t.name for t in tasks], options=options,
                                  hub_cache_dir=hub_cache, download=download)
     data_dirs = local_data_dirs(cfg, tasks)
-    check_task_data(cfg, tasks, data_dirs, splits)
+    tasks = check_task_data(cfg, tasks, data_dirs, splits)
     # 2. the backbone, its pretrained image tower as the merging base, the endpoints checked against it
     model, preprocess, tokenizer = _load_backbone(cfg, weights)
     reference = {k: v.detach() for k, v in model.visual.state_dict().items()}
@@ -177,7 +220,8 @@ def _hub_assets(cfg: DictConfig, tasks: list[TaskSpec], download: bool, splits: 
     heads = load_or_build_heads(model, tokenizer, tasks, backbone=b.name, weights_id=weights.weights_id,
                                 cache_dir=cache / "heads", device=device)
     model.cpu()
-    reference_acc = packaged_reference(e.source, b.name, tasks) if e.get("reference_acc", "measured") == "packaged" else None
+    reference_acc = (packaged_reference(head_source(cfg), b.name, tasks)
+                     if e.get("reference_acc", "measured") == "packaged" else None)
     return Assets(tasks, model, preprocess, heads, visual_file, files, weights_id=weights.weights_id,
                   endpoints_id=stable_hash([p.name for p in files] + [visual_file.name]), data_dirs=data_dirs,
                   packaged_reference=reference_acc)

@@ -13,7 +13,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.utils.data import DataLoader
 
-from mass_exp.data.datasets import ImageClassificationDataset, load_split
+from mass_exp.data.datasets import load_split, task_dataset
 from mass_exp.assets import Assets, prepare_assets  # noqa: F401 - prepare_assets is part of the pipeline API
 from mass_exp.errors import ConfigError
 from mass_exp.evaluation.module import EvaluationModule
@@ -37,7 +37,7 @@ def make_loaders(cfg: DictConfig, assets: Assets, split: str) -> list[DataLoader
     loaders = []
     for task in assets.tasks:
         hf = load_split(task, split, local_dirs=assets.data_dirs, cache_dir=cfg.paths.hf_cache_dir)
-        ds = ImageClassificationDataset(hf, assets.preprocess, limit=limit)
+        ds = task_dataset(task, hf, assets.preprocess, limit=limit)
         loaders.append(DataLoader(ds, batch_size=int(cfg.eval.batch_size), num_workers=int(cfg.eval.num_workers),
                                   shuffle=False))
     return loaders
@@ -324,6 +324,8 @@ def run_evaluation(cfg: DictConfig, output_dir: Path, run_hash: str | None = Non
         "alpha_sweep": curve,
         "lambda_selection": lambda_selection,
         "finetuned_acc_source": assets.reference_sources.get("test"),
+        "head_source": assets.tasks[0].head_source if assets.tasks else None,
+        "task_warnings": {t.name: t.warning for t in assets.tasks if t.warning},
         "tasks": per_task,
         "average": _averages(per_task),
         "eval_batch_size": int(cfg.eval.batch_size),

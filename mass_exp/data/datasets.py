@@ -8,7 +8,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -69,11 +69,23 @@ def build_mini_task(task: str, gen: dict, data_dir: str | os.PathLike) -> Path:
     return out
 
 
-def carve_validation(n_train: int, fraction: float = 0.1, max_samples: int = 5000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Indices (train_rest, validation) of the TSV/TALL-masks protocol: 10% of train, at most 5000, fixed seed."""
-    n_val = min(int(n_train * fraction), max_samples)
-    perm = np.random.default_rng(seed).permutation(n_train)
-    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+def carve_validation(n_train: int, fraction: float = 0.1, max_samples: int | None = 5000, seed: int = 0
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train_rest, validation) of the official protocol (TALL-masks' `split_train_into_train_val`): the
+    validation size is int(n_train * fraction) capped at `max_samples`, and the split is
+    `torch.utils.data.random_split` of the train set into (rest, validation) with `torch.Generator().manual_seed(seed)`.
+    Indices are in random_split's order. Membership matches the official code when the train rows are in the same
+    order as its torchvision dataset (HF row order can differ; see README)."""
+    from torch.utils.data import random_split
+
+    n_val = int(n_train * fraction)
+    if max_samples is not None:
+        n_val = min(n_val, int(max_samples))
+    if n_train > 0 and not 0 < n_val < n_train:
+        raise ConfigError(f"cannot carve a validation split of {n_val} from {n_train} training samples "
+                          f"(fraction {fraction}); the train split is too small")
+    rest, val = random_split(range(n_train), [n_train - n_val, n_val], generator=torch.Generator().manual_seed(seed))
+    return np.asarray(rest.indices, dtype=np.int64), np.asarray(val.indices, dtype=np.int64)
 
 
 def hub_offline() -> bool:
@@ -132,7 +144,7 @@ def load_split(task: TaskSpec, split: str, *, mini_dirs: dict[str, Path] | None 
     if task.label_column != "label":
         ds = ds.rename_column(task.label_column, "label")
     if split in ("train", "validation") and task.val_split is None:
-        rest, val = carve_validation(len(ds))
+        rest, val = carve_validation(len(ds), task.val_fraction, task.val_max_samples, task.val_seed)
         ds = ds.select(val if split == "validation" else rest)
     return ds
 
@@ -147,7 +159,9 @@ class ImageClassificationDataset(Dataset):
     repeated evaluations do not pay for PNG decoding again.
     """
 
-    def __init__(self, hf_dataset: Any, transform: Callable, limit: int | None = None, in_memory: bool | None = None):
+    def __init__(self, hf_dataset: Any, transform: Callable, limit: int | None = None, in_memory: bool | None = None,
+                 label_map: Sequence[int] | None = None):
+        self.label_map = None if label_map is None else torch.as_tensor(list(label_map), dtype=torch.long)
         if limit is not None and limit < len(hf_dataset):
             hf_dataset = hf_dataset.select(range(limit))
         self.ds = hf_dataset
@@ -159,7 +173,7 @@ class ImageClassificationDataset(Dataset):
         if in_memory:
             cols = hf_dataset[:]
             self._images = torch.stack([transform(im.convert("RGB")) for im in cols["image"]])
-            self._labels = torch.as_tensor(cols["label"], dtype=torch.long)
+            self._labels = self._map(torch.as_tensor(cols["label"], dtype=torch.long))
 
     def __len__(self) -> int:
         return len(self.ds)
@@ -168,5 +182,18 @@ class ImageClassificationDataset(Dataset):
         if self._images is not None:
             return self._images[i], int(self._labels[i])
         row = self.ds[int(i)]
-        return self.transform(row["image"].convert("RGB")), int(row["label"])
+        return self.transform(row["image"].convert("RGB")), int(self._map(torch.tensor(int(row["label"]))))
+
+    def _map(self, labels: torch.Tensor) -> torch.Tensor:
+        return labels if self.label_map is None else self.label_map[labels]
+
+
+def task_dataset(task: TaskSpec, hf_dataset: Any, backbone_transform: Callable, limit: int | None = None
+                 ) -> ImageClassificationDataset:
+    """A task's split as model inputs: the backbone transform with the task's preprocessing steps, and labels mapped
+    onto head rows (`task.label_map`)."""
+    from mass_exp.data.preprocess import task_transform
+
+    return ImageClassificationDataset(hf_dataset, task_transform(backbone_transform, task.preprocess, task.name),
+                                      limit=limit, label_map=task.label_map)
 

@@ -4,7 +4,8 @@ or local files. Pure functions, no Hydra; `options` is the ``endpoints`` config 
 Sources (`SOURCES`) and their options (defaults in `DEFAULT_OPTIONS`; every template and map is overridable):
 
 - ``tall_masks``: one repo ``repo_id`` (``nik-dim/tall_masks``), files ``finetuned_file``
-  (``single_task/{model}/{task}Val/nonlinear_finetuned.pt``), pretrained ``pretrained_file``
+  (``single_task/{model}/{task}Val/nonlinear_finetuned.pt``; ``{model}`` defaults to the repo's folder per backbone,
+  `tall_masks_model_folders`: ViT-B-16 is stored as ``VIT-B-16``), pretrained ``pretrained_file``
   (``single_task/{model}/MNISTVal/nonlinear_zeroshot.pt``); open_clip format (pickles: see
   `loading.load_checkpoint_tensors` and ``endpoints.allow_unsafe_pickle``).
 - ``retrained``: one repo per task, ``repo_template`` (``crisostomi/{model}-{task}``), pretrained repo
@@ -82,12 +83,22 @@ FUSION_BENCH_MODEL_NAMES: dict[str, str] = {
     "ViT-B-32": "clip-vit-base-patch32", "ViT-B-16": "clip-vit-base-patch16", "ViT-L-14": "clip-vit-large-patch14",
 }
 
+
+
+def tall_masks_model_folders() -> dict[str, str]:
+    """Backbone -> folder name in nik-dim/tall_masks (``single_task/<folder>/...``), packaged as data with its
+    provenance in `resources/sources/tall_masks.json` (``model_folders``; ViT-B-16 is ``VIT-B-16``)."""
+    from mass_exp.data.tasks import source_record
+
+    return {k: str(v) for k, v in source_record("tall_masks")["model_folders"].items() if not k.startswith("_")}
+
+
 DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {
     "tall_masks": {
         "repo_id": "nik-dim/tall_masks",
         "finetuned_file": "single_task/{model}/{task}Val/nonlinear_finetuned.pt",
         "pretrained_file": "single_task/{model}/MNISTVal/nonlinear_zeroshot.pt",
-        "revision": None, "model_names": {}, "task_names": {},
+        "revision": None, "model_names": tall_masks_model_folders(), "task_names": {},
     },
     "retrained": {
         "repo_template": "crisostomi/{model}-{task}",

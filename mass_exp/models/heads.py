@@ -20,6 +20,9 @@ def build_zeroshot_head(model: torch.nn.Module, tokenizer: Callable, task: TaskS
                         batch_size: int = 256) -> torch.Tensor:
     """(C, E) head: per class, the re-normalised mean of the L2-normalised template embeddings, times exp(logit_scale).
 
+    A class given as a synonym list enters each template as `task.synonyms` says (TALL-masks: Python's str of the
+    list, one prompt per template, no averaging over synonyms).
+
     Image embeddings are L2-normalised before the head, so logits = head @ z.
     """
     rows = []
@@ -33,9 +36,13 @@ def build_zeroshot_head(model: torch.nn.Module, tokenizer: Callable, task: TaskS
 
 
 def heads_cache_key(backbone: str, weights_id: str, task: TaskSpec) -> str:
-    """Key of a cached head: backbone, the exact pretrained weights, class names and templates."""
-    return stable_hash({"backbone": backbone, "weights": weights_id, "classnames": task.classnames,
-                        "templates": task.templates})
+    """Key of a cached head: backbone, the exact pretrained weights, and everything of the task that makes or uses
+    the head: class names (synonym lists included), templates, synonym handling, label map and preprocessing."""
+    return stable_hash({"backbone": backbone, "weights": weights_id,
+                        "classnames": [list(c) if isinstance(c, tuple) else c for c in task.classnames],
+                        "templates": list(task.templates), "synonyms": task.synonyms,
+                        "label_map": None if task.label_map is None else list(task.label_map),
+                        "preprocess": list(task.preprocess)})
 
 
 def load_or_build_heads(model: torch.nn.Module, tokenizer: Callable, tasks: Sequence[TaskSpec], *, backbone: str,
