@@ -111,7 +111,7 @@ def _prefetch(cfg: DictConfig) -> None:
 
     datasets.enable_progress_bars()  # downloads are long: show them (the run commands keep datasets quiet)
     splits = tuple(cfg.get("prefetch_splits") or ("test", "validation"))
-    assets = prepare_assets(cfg, download=True, splits=splits)
+    assets = prepare_assets(cfg, download=True, splits=splits)  # runs the label guard on every split it opens
     print(f"prefetched {cfg.backbone.name} ({assets.weights_id}), {len(assets.tasks)} endpoints "
           f"({cfg.endpoints.source}) and the {'/'.join(splits)} splits of {', '.join(t.name for t in assets.tasks)}")
     print("the run can now go offline: HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 mass-exp <the same overrides>")
@@ -156,6 +156,92 @@ def finetune() -> None:
 def prefetch() -> None:
     """`mass-exp-prefetch`: same config as `mass-exp`; download + verify backbone, endpoints and datasets into the caches."""
     _run(_prefetch)
+
+
+def task_table(cfg: DictConfig) -> dict[str, dict]:
+    """Per task of the composed suite, what a run with `cfg` uses: `TaskSpec.describe` plus the reference accuracy
+    (the head source's packaged number when endpoints.reference_acc=packaged, else None = measured by the run)."""
+    from mass_exp.assets import head_source, packaged_reference, run_tasks
+
+    tasks = run_tasks(cfg)
+    ref = None
+    if cfg.endpoints.get("reference_acc", "measured") == "packaged":
+        ref = packaged_reference(head_source(cfg), str(cfg.backbone.name), tasks)
+    out = {}
+    for t in tasks:
+        d = t.describe()
+        d["reference_acc"] = None if ref is None else ref.get(t.name)
+        out[t.name] = d
+    return out
+
+
+def _format_tasks(cfg: DictConfig, table: dict[str, dict]) -> str:
+    from mass_exp.assets import run_tasks
+
+    specs = {t.name: t for t in run_tasks(cfg)}
+    lines = [f"suite {cfg.suite.name}, endpoints {cfg.endpoints.source}, backbone {cfg.backbone.name}"]
+    for name, d in table.items():
+        t = specs[name]
+        ref = "measured by the run" if d["reference_acc"] is None else f"{100 * d['reference_acc']:.2f} (packaged)"
+        names = "; ".join(str(c) for c in d["classnames"])
+        if t.classnames_from_dataset:
+            names = "[the dataset's ClassLabel names at run time; packaged copy:] " + names
+        lm = d["label_map"]
+        moved = None if lm is None else {k: v for k, v in lm.items() if int(k) != v}
+        lines += [
+            "",
+            f"{name}",
+            f"  dataset      {d['hf_dataset'] or '(none on the HF hub: give data.local_dirs.' + name + ')'}"
+            + (f" [{d['hf_config']}]" if d["hf_config"] else "") + f", test split {d['test_split']!r}",
+            f"  validation   {d['val_split']}",
+            f"  head         {d['head_source']}, {d['num_classes']} rows, synonyms {t.synonyms}",
+            f"  classnames   {names}",
+            f"  templates    {' | '.join(d['templates'])}",
+            f"  label map    {'identity' if lm is None else moved or 'identity'}",
+            f"  preprocess   {', '.join(d['preprocess']) or 'backbone transform only'}",
+            f"  reference    {ref}",
+        ]
+        if t.warning:
+            lines.append(f"  WARNING      {t.warning}")
+    return "\n".join(lines)
+
+
+def tasks(argv: list[str] | None = None) -> None:
+    """`mass-exp-tasks [--json] <mass-exp overrides>`: per task of the composed suite and endpoint source, the dataset,
+    splits, head (class names, templates, label map), preprocessing and reference accuracy a run would use; reads
+    no dataset and no weights, so it works offline."""
+    import json
+
+    from hydra import compose, initialize_config_dir
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    as_json = "--json" in argv
+    argv = [a for a in argv if a != "--json"]
+    if any(a in ("-h", "--help") for a in argv):
+        print(tasks.__doc__)
+        return
+    conf = _config_dir()
+    groups = {p.name for p in Path(conf).iterdir() if p.is_dir()}
+    try:
+        with initialize_config_dir(config_dir=conf, version_base="1.3"):
+            cfg = compose(config_name="config", overrides=quote_numeric_group_choices(argv, groups))
+        table = task_table(cfg)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as e:  # noqa: BLE001 - Hydra's override errors: one line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"error: {first}", file=sys.stderr)
+        sys.exit(2)
+    from mass_exp.assets import run_tasks
+
+    for t in run_tasks(cfg):
+        if t.warning:
+            print(f"WARNING: task {t.name}: {t.warning}", file=sys.stderr)
+    if as_json:
+        print(json.dumps(table, indent=1, ensure_ascii=False))
+    else:
+        print(_format_tasks(cfg, table))
 
 
 def report(argv: list[str] | None = None) -> None:
