@@ -175,8 +175,12 @@ def finetuned_accuracies(cfg: DictConfig, assets: Assets, split: str, loaders: S
 
     from mass_exp.evaluation.sampling import distributed, from_rank_zero, is_rank_zero
 
+    from mass_exp.models.heads import heads_cache_key
+
     key = stable_hash({"endpoints": assets.endpoints_id, "split": split, "limit": cfg.eval.max_samples_per_task,
-                       "heads": assets.weights_id, "tasks": [t.name for t in assets.tasks]})
+                       "heads": assets.weights_id, "tasks": [t.name for t in assets.tasks],
+                       "task_heads": [heads_cache_key(cfg.backbone.name, assets.weights_id, t) for t in assets.tasks],
+                       "val": [(t.val_fraction, t.val_max_samples, t.val_seed) for t in assets.tasks]})
     path = _cache_dir(cfg) / "reference" / f"finetuned-acc-{split}-{key}.json"
 
     def read() -> dict[str, float] | None:

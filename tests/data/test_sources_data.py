@@ -289,3 +289,19 @@ def test_tall_masks_fer2013_and_flowers_match_the_source_code():
         assert f'"{name}"' in src
     src = _git_show("nik-dim/tall_masks", "src/datasets/registry.py")
     assert "val_fraction=0.1" in src and "max_val_samples=5000" in src and "manual_seed(seed)" in src
+
+
+def test_task_dataset_maps_labels_onto_head_rows_and_applies_preprocessing():
+    import datasets
+    from PIL import Image
+
+    from mass_exp.data.datasets import task_dataset
+
+    hf = datasets.Dataset.from_dict({"image": [Image.new("RGB", (4, 4))] * 3, "label": [0, 8, 9]})
+    base = lambda img: torch.arange(16.0).reshape(1, 4, 4)  # noqa: E731
+    for in_memory in (True, False):
+        ds = task_dataset(get_task("CIFAR10", "retrained"), hf, base)
+        ds._images = None if not in_memory else ds._images
+        assert [ds[i][1] for i in range(3)] == [0, 9, 10]
+    x, _ = task_dataset(get_task("EMNIST", "retrained"), hf, base)[0]
+    assert torch.equal(x, torch.arange(16.0).reshape(1, 4, 4).rot90(-1, (-2, -1)).flip(-1))

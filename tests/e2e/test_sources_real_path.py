@@ -162,8 +162,8 @@ def test_suite20_tall_masks(world):
 
 
 def test_suite20_fusion_bench(world):
-    out = _evaluate(world, "fusion_bench", "20", ["endpoints.model_names.mass-tiny-ViT=clip-tiny",
-                                                  "endpoints.task_names.EMNIST=emnist_mnist"])
+    out = _evaluate(world, "fusion_bench", "20", ["+endpoints.model_names.mass-tiny-ViT=clip-tiny",
+                                                  "+endpoints.task_names.EMNIST=emnist_mnist"])
     assert list(out["res"]["tasks"]) == TASKS20
     assert _head_rows(out["cache"], "Food101") == {101}
     # tall_masks (torchvision order, label map) and fusion_bench (FusionBench's swapped names) heads are different
@@ -174,7 +174,7 @@ def test_suite20_fusion_bench(world):
 @pytest.mark.parametrize("entry", ["evaluate", "prefetch"])
 def test_label_names_that_disagree_with_the_head_stop_with_one_line(world, entry):
     root = world["root"]
-    args = _overrides(root, "retrained", "8") + [f"data.local_dirs.DTD={root}/bad/DTD"]
+    args = _overrides(root, "retrained", "8") + [f"+data.local_dirs.DTD={root}/bad/DTD"]
     proc = _run(entry, args, world, f"cache-bad-{entry}")
     assert proc.returncode == 2, proc.stderr[-3000:]
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
