@@ -144,7 +144,10 @@ def load_split(task: TaskSpec, split: str, *, mini_dirs: dict[str, Path] | None 
     if task.label_column != "label":
         ds = ds.rename_column(task.label_column, "label")
     if split in ("train", "validation") and task.val_split is None:
-        rest, val = carve_validation(len(ds), task.val_fraction, task.val_max_samples, task.val_seed)
+        try:
+            rest, val = carve_validation(len(ds), task.val_fraction, task.val_max_samples, task.val_seed)
+        except ConfigError as e:
+            raise ConfigError(f"task {task.name}: {e}") from None
         ds = ds.select(val if split == "validation" else rest)
     return ds
 

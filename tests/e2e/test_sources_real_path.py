@@ -55,7 +55,8 @@ def _st_bytes(sd) -> bytes:
 
 
 def _write_task_data(path: Path, task: str, seed: int, label_names: list[str] | None = None) -> None:
-    """A local copy of a task's dataset, laid out like its hub dataset, with 3 test and 4 train images."""
+    """A local copy of a task's dataset, laid out like its hub dataset, with 3 test and 10 train images (1 carved
+    for validation)."""
     import datasets
     import numpy as np
     from PIL import Image
@@ -73,7 +74,7 @@ def _write_task_data(path: Path, task: str, seed: int, label_names: list[str] | 
              lab_col: rng.integers(0, len(names), n).tolist()}, features=feats)
 
     datasets.disable_progress_bars()
-    datasets.DatasetDict({"train": split(4), spec.test_split: split(3)}).save_to_disk(str(path))
+    datasets.DatasetDict({"train": split(10), spec.test_split: split(3)}).save_to_disk(str(path))
 
 
 @pytest.fixture(scope="module")
