@@ -185,13 +185,14 @@ def test_label_names_that_disagree_with_the_head_stop_with_one_line(world, entry
 
 
 @pytest.mark.parametrize("source", ["tall_masks", "retrained", "fusion_bench"])
-def test_mass_exp_tasks_json_offline(source, tmp_path):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "empty"))
-    code = "import sys; from mass_exp.cli import tasks; tasks()"
-    proc = subprocess.run([sys.executable, "-c", code, "suite=20", f"endpoints={source}", "backbone=ViT-B-32",
-                           "--json"], capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    table = json.loads(proc.stdout)
+def test_mass_exp_tasks_json_offline(source, capsys, monkeypatch, tmp_path):
+    from mass_exp.cli import tasks
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty"))
+    tasks(["suite=20", f"endpoints={source}", "backbone=ViT-B-32", "--json"])  # in-process: no weights, no data
+    out, err = capsys.readouterr()
+    table = json.loads(out)
     assert list(table) == TASKS20
     keys = {"hf_dataset", "hf_config", "test_split", "val_split", "num_classes", "head_source", "classnames",
             "templates", "label_map", "preprocess", "reference_acc"}
@@ -201,10 +202,22 @@ def test_mass_exp_tasks_json_offline(source, tmp_path):
     assert table["FER2013"]["hf_dataset"] == "clip-benchmark/wds_fer2013"
     if source == "tall_masks":
         assert table["FER2013"]["classnames"][3] == ["happy", "smiling"]  # synonym lists stay lists
-        assert table["EMNIST"]["hf_dataset"] is None and "EMNIST" in proc.stderr  # said loudly
+        assert table["EMNIST"]["hf_dataset"] is None and "WARNING: task EMNIST" in err  # said loudly
         assert table["Cars"]["reference_acc"] is not None
     if source == "retrained":
         assert table["CIFAR10"]["num_classes"] == 11 and table["CIFAR10"]["label_map"]["8"] == 9
         assert table["EMNIST"]["preprocess"] == ["rotate_-90", "hflip"]
     if source == "fusion_bench":
         assert table["Food101"]["classnames"][16] == "cheese plate" and table["Cars"]["reference_acc"] is None
+
+
+def test_mass_exp_tasks_readable_table(capsys):
+    from mass_exp.cli import tasks
+
+    tasks(["suite=20", "endpoints=tall_masks", "backbone=ViT-B-16"])
+    out = capsys.readouterr().out
+    assert "FER2013" in out and "['happy', 'smiling']" in out and "preprocess   grayscale" in out
+    assert "WARNING      tall_masks fine-tuned EMNIST" in out and "label map    {'16': 17, '17': 16}" in out
+    with pytest.raises(SystemExit) as e:
+        tasks(["suite=20", "endpoints=nope"])
+    assert e.value.code == 2
