@@ -226,24 +226,25 @@ def composition_error(e: BaseException, overrides: Sequence[str]) -> ConfigError
         if "not in" in why and "Key" in why:
             parent = key.rsplit(".", 1)[0] if "." in key else ""
             why = f"{parent or 'the config'} has no key {key.rsplit('.', 1)[-1]!r}"
-            return problem(key, value, why, f"check the spelling (see `mass-exp {parent.split('.')[0] or ''} --cfg job` "
-                           "for the valid keys)".replace("mass-exp  --cfg", "mass-exp --cfg"))
+            where = f" --package {parent}" if parent else ""
+            return problem(key, value, why, f"check the spelling (`mass-exp --cfg job{where}` lists the valid keys)")
         why = re.sub(r"\s+", " ", why)
         return problem(key, value, f"wrong type ({why})", _type_hint(omega))
     if "Could not find" in msg or "Could not load" in msg:
-        return problem(key, value, re.sub(r"\s+", " ", msg), "pick one of the files in conf/" + key.split("/")[0] + "/")
+        group = key.split("@")[0]
+        options = getattr(e, "options", None) or []
+        todo = f"pick one of {', '.join(options)}" if options else f"pick one of the files in conf/{group}/"
+        return problem(key, value.strip("'\""), f"is not an option of {group}", todo)
     return problem(key, value, re.sub(r"\s+", " ", msg), "fix the override (Hydra syntax: key=value, lists as [a,b])")
 
 
 def _type_hint(e: OmegaConfBaseException) -> str:
-    t = getattr(e, "ref_type", None)
-    name = getattr(t, "__name__", None) or str(t or "")
-    if "int" in name.lower():
-        return "give an integer"
-    if "float" in name.lower():
-        return "give a number"
-    if "bool" in name.lower():
-        return "give true or false"
+    msg = str(e)
+    for word, hint in (("Integer", "give an integer"), ("int", "give an integer"), ("Float", "give a number"),
+                       ("float", "give a number"), ("Bool", "give true or false"), ("bool", "give true or false"),
+                       ("List", "give a list, e.g. [a,b]"), ("Dict", "give a mapping, e.g. {a:1}")):
+        if word in msg:
+            return hint
     return "give a value of the key's type"
 
 
