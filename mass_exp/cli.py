@@ -14,6 +14,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from mass_exp.config import check_overrides, validate
+from mass_exp.config.validate import sweep_composition_errors
 from mass_exp.errors import ConfigError
 
 log = logging.getLogger("mass_exp")
@@ -167,8 +168,21 @@ def quote_numeric_group_choices(argv: list[str], groups: set[str]) -> list[str]:
 
 def _precheck(args: list[str], conf: str) -> None:
     """A single run's config is composed and validated before Hydra creates anything: a bad one exits with one line
-    and status 2, having written nothing. (Multiruns validate each job as it starts: a bad job fails alone.)"""
-    if any(a.startswith("-") for a in args):  # --cfg, --help, -m, -cn ...: Hydra handles them (jobs still validate)
+    and status 2, having written nothing. A multirun's swept values are composed up front (types, keys, options);
+    each job validates its ranges as it starts, and a bad job fails alone."""
+    multirun = [a for a in args if a in ("-m", "--multirun")]
+    rest = [a for a in args if a not in multirun]
+    if any(a.startswith("-") for a in rest):  # --cfg, --help, -cn ...: Hydra handles them (jobs still validate)
+        return
+    if multirun:  # a value Hydra could not compose would abort the sweep when its job comes: refuse it now
+        try:
+            errors = sweep_composition_errors(rest, conf)
+        except ConfigError as e:
+            errors = [e]
+        for e in errors:
+            print(f"error: {e}", file=sys.stderr)
+        if errors:
+            sys.exit(2)
         return
     try:
         check_overrides(args, config_dir=conf)

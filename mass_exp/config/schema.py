@@ -161,7 +161,7 @@ class Method:
 
 @dataclass
 class TiesMethod(Method):
-    k: float = key(20, number(0, 100, lo_open=True))    # percent of entries kept
+    k: Any = key(20, number(0, 100, lo_open=True))      # percent of entries kept (int or float: 20 stays 20)
     merge_fn: str = key("mean", one_of("mean", "sum"))
 
 

@@ -269,6 +269,12 @@ def check_overrides(overrides: Sequence[str], config_dir: str | None = None, con
 
     Hydra's own errors (a wrong type, an unknown key, an unknown group option, bad syntax) become the same one line.
     """
+    return validate(compose_overrides(overrides, config_dir, config_name))
+
+
+def compose_overrides(overrides: Sequence[str], config_dir: str | None = None, config_name: str = "config",
+                      return_hydra_config: bool = False) -> DictConfig:
+    """Hydra's composition of `overrides` (schemas applied, no range checks); its errors as one-line ConfigErrors."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
 
@@ -281,7 +287,44 @@ def check_overrides(overrides: Sequence[str], config_dir: str | None = None, con
         config_dir = _config_dir()
     try:
         with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
-            cfg = compose(config_name=config_name, overrides=list(overrides))
+            return compose(config_name=config_name, overrides=list(overrides), return_hydra_config=return_hydra_config)
     except (HydraException, OmegaConfBaseException, ValueError) as e:
         raise composition_error(e, overrides) from None
-    return validate(cfg)
+
+
+def sweep_composition_errors(args: Sequence[str], config_dir: str) -> list[ConfigError]:
+    """Before a multirun starts: every value the sweep takes (command line and the preset's sweeper params),
+    composed with the fixed overrides, so a wrong type or unknown key is refused up front instead of aborting the
+    sweep when its job comes (Hydra composes each job only when it launches it). Range errors are left to the jobs,
+    where a bad job fails alone. Returns one error per bad value ([] when all compose, or the sweep is not the basic
+    sweeper's)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    try:
+        parsed = parser.parse_overrides(list(args))
+    except Exception as e:  # bad syntax: one line, as for a single run
+        return [composition_error(e, args)]
+    fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
+    base = compose_overrides(fixed, config_dir, return_hydra_config=True)
+    sweeper = OmegaConf.select(base, "hydra.sweeper._target_", default="") or ""
+    if not sweeper.endswith("BasicSweeper"):
+        return []
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
+    params = [f"{k}={v}" for k, v in (OmegaConf.select(base, "hydra.sweeper.params") or {}).items()]
+    try:
+        (jobs,) = BasicSweeper.split_arguments(parser.parse_overrides(params + list(args)), None)
+    except Exception:
+        return []
+    seen, errors = set(fixed), []
+    for job in jobs:
+        for ov in job:
+            if ov in seen:
+                continue
+            seen.add(ov)
+            try:
+                compose_overrides(fixed + [ov], config_dir)
+            except ConfigError as e:
+                errors.append(e)
+    return errors
