@@ -176,11 +176,7 @@ CROSS_RULES: list[Callable[[DictConfig], None]] = [_backbone, _tasks, _method, _
 def validate(cfg: DictConfig) -> DictConfig:
     """Check a composed config (types, every key's range, cross-key rules); raise ConfigError naming the first bad
     key. Touches no asset, writes nothing. Returns `cfg`."""
-    for name, kind in Config.__dataclass_fields__.items():
-        if name in GROUP_SCHEMAS or kind.metadata.get("rule") is None and not name in ("eval", "data"):
-            continue
-    _check_node(cfg, "", Config)
-    for group in GROUP_SCHEMAS:
+    for group in GROUP_SCHEMAS:  # the groups first: top-level keys may interpolate them (eval.num_workers)
         if group not in cfg:
             raise problem(group, None, "is not selected", f"pick a {group} config, e.g. {group}=<option>")
         node = cfg[group]
@@ -189,6 +185,7 @@ def validate(cfg: DictConfig) -> DictConfig:
             raise problem(group, show(_safe(node)), f"has no schema (conf/{group}/*.yaml must start with "
                           f"`defaults: [/schema/{group}/<kind>@_here_, _self_]`)", "add the schema line to the YAML")
         _check_node(cfg, f"{group}.", schema)
+    _check_node(cfg, "", Config)
     for rule in CROSS_RULES:
         rule(cfg)
     return cfg

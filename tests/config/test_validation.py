@@ -27,7 +27,7 @@ from mass_exp.config.validate import composition_error
 from mass_exp.errors import ConfigError
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
-LOCAL = ["endpoints=local", "endpoints.pattern=/ckpt/{task}.safetensors"]
+LOCAL = ["endpoints=local", "endpoints.pattern='/ckpt/{task}.safetensors'"]
 TALL = ["endpoints=tall_masks"]
 
 # key -> invalid settings (each a list of overrides: group choices first, then the bad value). One line per key.
@@ -156,7 +156,7 @@ ISSUE_TABLE = ["eval.batch_size=0", "router.temperature=0", "router.max_tasks=0"
 
 VALID_EDGES = [["router.threshold=0"], ["router.max_tasks=null"], ["router.threshold=0.999"], ["router.block=0"],
                ["router.block=5"], ["method.rank=1"], ["eval.max_samples_per_task=1"], ["seed=4294967295"],
-               ["method=tsv_c", "method.rank_fraction=1"], ["trainer.devices=auto"], ["router=none", "method=finetuned"],
+               ["method=tsv_c", "router=none", "method.rank_fraction=1"], ["trainer.devices=auto"], ["router=none", "method=finetuned"],
                ["method=consensus", "method.lambdas=[0.1,0.2,0.3,0.4,0.5,0.6]"], [*LOCAL], ["suite='8'", *TALL]]
 
 
