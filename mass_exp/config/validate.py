@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable, Sequence
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from mass_exp.config.schema import GROUP_SCHEMAS, Config, schema_keys
+from mass_exp.config.schema import GROUP_SCHEMAS, Config
 from mass_exp.errors import ConfigError
 
 

@@ -267,3 +267,14 @@ def test_commands_exit_2_with_one_line_and_write_nothing(tmp_path, entry, args, 
     assert len(lines) == 1 and lines[0].startswith(f"error: {key}="), proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout and "HYDRA_FULL_ERROR" not in proc.stderr
     assert not out.exists(), list(out.rglob("*"))  # no run dir, no results.json, no W&B run, no cache entry
+
+
+def test_a_sweep_value_hydra_cannot_compose_is_refused_before_the_sweep(tmp_path):
+    """Hydra composes each job only when it launches it: a wrong type would abort the sweep there. It is refused
+    up front instead, one line per bad value, before any job runs."""
+    out = tmp_path / "out"
+    proc = _cli("evaluate", ["-m", "router.threshold=0.1,abc", "method=tsv_m,nosuch"], out)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert sorted(l.split(":")[1].strip() for l in lines) == ["method=nosuch", "router.threshold=abc"], proc.stderr
+    assert "Traceback" not in proc.stderr and not out.exists()
