@@ -7,3 +7,8 @@ import os as _os
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.1.0"
+
+# the typed schemas of conf/ live in Hydra's ConfigStore: register them for every user of the config (CLI, compose API)
+from mass_exp.config import register as _register_schemas  # noqa: E402
+
+_register_schemas()

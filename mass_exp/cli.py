@@ -13,6 +13,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from mass_exp.config import check_overrides, validate
+from mass_exp.config.validate import sweep_composition_errors
 from mass_exp.errors import ConfigError
 
 log = logging.getLogger("mass_exp")
@@ -48,20 +50,48 @@ def _quiet_third_party() -> None:
         pass
 
 
+_FAILED_JOBS: list[str] = []  # multirun: the jobs that refused their config (the sweep goes on; exit 2 at the end)
+
+
 def _guarded(fn):
-    """Run `fn`; a ConfigError (bad user input) prints one line and exits with status 2."""
+    """Validate the config, then run `fn`; a ConfigError (bad user input) prints one line `error: ...` and exits
+    with status 2. In a multirun the bad job fails alone: it writes `failed.json` (status, error) in its directory,
+    which mass-exp-report lists, and the sweep goes on."""
 
     def wrapper(cfg: DictConfig):
         _quiet_third_party()
         try:
+            validate(cfg)
             return fn(cfg)
         except ConfigError as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
+            line = f"error: {e}"
+            print(line, file=sys.stderr)
+            if not _in_multirun():
+                sys.exit(2)
+            _record_failed_job(line)
+            return None
 
     wrapper.__name__ = fn.__name__
     wrapper.__doc__ = fn.__doc__
     return wrapper
+
+
+def _in_multirun() -> bool:
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _record_failed_job(line: str) -> None:
+    from mass_exp.utils.io import atomic_write_json
+
+    hc = HydraConfig.get()
+    out = Path(hc.runtime.output_dir)
+    _FAILED_JOBS.append(str(out))
+    atomic_write_json(out / FAILED_FILE, {"status": "failed", "error": line, "overrides": list(hc.overrides.task)})
+
+
+FAILED_FILE = "failed.json"
 
 
 @_guarded
@@ -136,11 +166,42 @@ def quote_numeric_group_choices(argv: list[str], groups: set[str]) -> list[str]:
     return out
 
 
+def _precheck(args: list[str], conf: str) -> None:
+    """A single run's config is composed and validated before Hydra creates anything: a bad one exits with one line
+    and status 2, having written nothing. A multirun's swept values are composed up front (types, keys, options);
+    each job validates its ranges as it starts, and a bad job fails alone."""
+    multirun = [a for a in args if a in ("-m", "--multirun")]
+    rest = [a for a in args if a not in multirun]
+    if any(a.startswith("-") for a in rest):  # --cfg, --help, -cn ...: Hydra handles them (jobs still validate)
+        return
+    if multirun:  # a value Hydra could not compose would abort the sweep when its job comes: refuse it now
+        try:
+            errors = sweep_composition_errors(rest, conf)
+        except ConfigError as e:
+            errors = [e]
+        for e in errors:
+            print(f"error: {e}", file=sys.stderr)
+        if errors:
+            sys.exit(2)
+        return
+    try:
+        check_overrides(args, config_dir=conf)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
 def _run(task) -> None:
     conf = _config_dir()
     groups = {p.name for p in Path(conf).iterdir() if p.is_dir()}
-    sys.argv = [sys.argv[0]] + quote_numeric_group_choices(sys.argv[1:], groups)
+    args = quote_numeric_group_choices(sys.argv[1:], groups)
+    sys.argv = [sys.argv[0]] + args
+    _precheck(args, conf)
     hydra.main(config_path=conf, config_name="config", version_base="1.3")(task)()
+    if _FAILED_JOBS:
+        print(f"error: {len(_FAILED_JOBS)} job(s) of the sweep refused their config (see {FAILED_FILE} in "
+              f"{', '.join(_FAILED_JOBS)})", file=sys.stderr)
+        sys.exit(2)
 
 
 def evaluate() -> None:
@@ -262,9 +323,13 @@ def report(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     from mass_exp.reporting.published import load_published
-    from mass_exp.reporting.tables import build_report, load_results, report_markdown
+    from mass_exp.reporting.tables import (build_report, failed_markdown, find_failed, load_results,
+                                          report_markdown)
 
     results = load_results(args.dirs)
+    failed = find_failed(args.dirs)
+    for job, err in failed:
+        print(f"failed: {job}: {err}", file=sys.stderr)
     if not results:
         print(f"error: no complete results.json under {' '.join(args.dirs)}", file=sys.stderr)
         sys.exit(2)
@@ -275,9 +340,14 @@ def report(argv: list[str] | None = None) -> None:
         from mass_exp.reporting.report import write_report
 
         written = write_report(rep, args.out, args.dirs, published)
+        if failed:
+            with open(Path(args.out) / "report.md", "a") as f:
+                f.write("\n" + failed_markdown(failed))
         print(f"wrote {len(written)} files to {args.out} ({Path(args.out) / 'report.md'})")
     else:
         print(report_markdown(rep, args.dirs), end="")
+        if failed:
+            print("\n" + failed_markdown(failed), end="")
     if args.wandb:
         from mass_exp.reporting.report import log_to_wandb
 

@@ -82,6 +82,31 @@ def load_results(dirs: Iterable[str | Path], warn: Callable[[str], None] = _warn
     return out
 
 
+def find_failed(dirs: Iterable[str | Path]) -> list[tuple[str, str]]:
+    """(job directory, its one-line error) of every job under `dirs` that refused its config (`failed.json`, written
+    by a multirun job whose configuration was invalid) and has no complete result beside it."""
+    out = []
+    for d in dirs:
+        d = Path(d)
+        if not d.is_dir():
+            continue
+        for f in sorted(d.rglob("failed.json")):
+            if (f.parent / "results.json").exists():
+                continue
+            try:
+                err = json.loads(f.read_text()).get("error", "")
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+                err = "(unreadable failed.json)"
+            out.append((str(f.parent), str(err)))
+    return out
+
+
+def failed_markdown(failed: Sequence[tuple[str, str]]) -> str:
+    lines = ["## Failed jobs", "", "| job | error |", "|---|---|"]
+    lines += [f"| {d} | {e.replace('|', '/')} |" for d, e in failed]
+    return "\n".join(lines) + "\n"
+
+
 # ------------------------------------------------------------------------------------------------------ row identity
 
 def _router_name(res: Mapping[str, Any]) -> str:

@@ -9,6 +9,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from mass_exp.cli import quote_numeric_group_choices
+from mass_exp.config.schema import GROUP_SCHEMAS
 from mass_exp.merging.registry import available_mergers
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
@@ -38,8 +39,11 @@ def test_defaults_compose_and_resolve():
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in _options(g)])
 def test_every_option_composes(group, option):
-    cfg = _resolve(_compose([f"{group}={quote_numeric_group_choices([f'{group}={option}'], {group})[0].split('=', 1)[1]}"]))
+    composed = _compose([f"{group}={quote_numeric_group_choices([f'{group}={option}'], {group})[0].split('=', 1)[1]}"])
+    cfg = _resolve(composed)
     assert cfg[group] is not None
+    if group in GROUP_SCHEMAS:  # typed by its schema (conf/<group>/*.yaml: defaults [/schema/<group>/<kind>@_here_])
+        assert OmegaConf.get_type(composed[group]) in GROUP_SCHEMAS[group].values(), (group, option)
 
 
 @pytest.mark.parametrize("backbone,suite", [("tiny", "mini"), ("ViT-B-32", "8"), ("ViT-B-16", "14"), ("ViT-L-14", "20")])
