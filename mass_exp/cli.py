@@ -273,8 +273,6 @@ def tasks(argv: list[str] | None = None) -> None:
     no dataset and no weights, so it works offline."""
     import json
 
-    from hydra import compose, initialize_config_dir
-
     argv = list(sys.argv[1:] if argv is None else argv)
     as_json = "--json" in argv
     argv = [a for a in argv if a != "--json"]
@@ -284,15 +282,11 @@ def tasks(argv: list[str] | None = None) -> None:
     conf = _config_dir()
     groups = {p.name for p in Path(conf).iterdir() if p.is_dir()}
     try:
-        with initialize_config_dir(config_dir=conf, version_base="1.3"):
-            cfg = compose(config_name="config", overrides=quote_numeric_group_choices(argv, groups))
+        # the same composition and validation as every other entry point (one `error:` line, exit 2)
+        cfg = check_overrides(quote_numeric_group_choices(argv, groups), config_dir=conf)
         table = task_table(cfg)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except Exception as e:  # noqa: BLE001 - Hydra's override errors: one line
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"error: {first}", file=sys.stderr)
         sys.exit(2)
     from mass_exp.assets import run_tasks
 

@@ -89,6 +89,8 @@ class HubEndpoints(EndpointsBase):
     task_names: Dict[str, str] = key({})
     reference_acc: str = key("measured", one_of("packaged", "measured"))
     allow_unsafe_pickle: bool = key(False)
+    # whose heads, data, preprocessing and validation split go with the checkpoints (resources/sources/<name>.json)
+    head_source: str = key(MISSING, one_of("tall_masks", "retrained", "fusion_bench"))
 
 
 @dataclass
@@ -266,6 +268,8 @@ class Eval:
 class Data:
     local_dirs: Dict[str, str] = key({})
     local_pattern: Optional[str] = key(None, text(nullable=True))
+    # tasks whose dataset label names may differ from the head's class list (the label guard warns instead)
+    accept_label_mismatch: List[str] = key([], number_list(text(), nonempty=False))
 
 
 @dataclass

@@ -41,6 +41,7 @@ INVALID: dict[str, list[list[str]]] = {
     "eval.max_samples_per_task": [["eval.max_samples_per_task=-3"], ["eval.max_samples_per_task=0"]],
     "data.local_dirs": [["data.local_dirs=[a]"]],
     "data.local_pattern": [["data.local_pattern=[a]"]],
+    "data.accept_label_mismatch": [["data.accept_label_mismatch=['']"], ["data.accept_label_mismatch=MNIST"]],
     "prefetch_splits": [["prefetch_splits=[tests]"], ["prefetch_splits=[]"]],
     # backbone
     "backbone.name": [["backbone.name=''"]],
@@ -78,6 +79,7 @@ INVALID: dict[str, list[list[str]]] = {
     "endpoints.task_names": [[*TALL, "endpoints.task_names=[a]"]],
     "endpoints.reference_acc": [[*TALL, "endpoints.reference_acc=foo"]],
     "endpoints.allow_unsafe_pickle": [[*TALL, "endpoints.allow_unsafe_pickle=maybe"]],
+    "endpoints.head_source": [[*TALL, "endpoints.head_source=openai"]],
     "endpoints.repo_id": [[*TALL, "endpoints.repo_id=''"]],
     "endpoints.finetuned_file": [[*TALL, "endpoints.finetuned_file=''"]],
     "endpoints.pretrained_file": [[*TALL, "endpoints.pretrained_file=''"]],
