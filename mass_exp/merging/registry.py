@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from mass_exp.merging import basic, iso, ties, tsv
+from mass_exp.merging import basic, iso, smile, ties, tsv
 
 __all__ = ["MergerSpec", "available_mergers", "get_merger"]
 
@@ -16,13 +16,15 @@ class MergerSpec:
 
     ``fn(pretrained, finetuned, *, alpha=..., **method_kwargs) -> dict[str, Tensor]`` returns the full merged
     weights θ = θ_pre + α·M(τ_1..τ_T). ``per_task`` mergers also take ``task: int`` (the result depends on the
-    evaluated task); ``uses_factors`` mergers accept ``factors: FactorStore | None``.
+    evaluated task); ``uses_factors`` mergers accept ``factors: FactorStore | None``. ``builds_module`` mergers
+    (SMILE) return an image tower module instead of weights and take ``template=`` (the pretrained tower to copy).
     """
 
     name: str
     fn: Callable[..., dict]
     per_task: bool = False
     uses_factors: bool = False
+    builds_module: bool = False
 
 
 def _specs() -> dict[str, MergerSpec]:
@@ -37,6 +39,7 @@ def _specs() -> dict[str, MergerSpec]:
         MergerSpec("tsv_m", tsv.tsv_m, uses_factors=True),
         MergerSpec("iso_c", iso.iso_c),
         MergerSpec("iso_cts", iso.iso_cts),
+        MergerSpec("smile", smile.smile, uses_factors=True, builds_module=True),
     ]
     return {s.name: s for s in specs}
 
