@@ -11,10 +11,13 @@ most 400·T batches, keeping the checkpoint with the lowest training loss.
 from __future__ import annotations
 
 import copy
+import logging
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
 
 
 class RouterTrainingModule(L.LightningModule):
@@ -43,6 +46,8 @@ class RouterTrainingModule(L.LightningModule):
             return
         mean = sum(self._epoch_loss) / len(self._epoch_loss)
         self.history.append({"epoch": int(self.current_epoch), "loss": mean})
+        log.info("router training epoch %d: mean loss %.4f over %d batches", self.current_epoch, mean,
+                 len(self._epoch_loss))
         if mean < self.best_loss:
             self.best_loss = mean
             self.best_state = {k: v.detach().cpu().clone() for k, v in self.mlp.state_dict().items()}
