@@ -145,7 +145,13 @@ def build_mlp(cfg: DictConfig, assets: Any, first: nn.Module, router_cfg: Any):
                         max_epochs=int(tr["max_epochs"]), limit_train_batches=limit,
                         gradient_clip_val=float(tr["gradient_clip_val"]), logger=False, enable_checkpointing=False,
                         enable_model_summary=False, enable_progress_bar=bool(cfg.trainer.enable_progress_bar))
-    trainer.fit(module, train_dataloaders=loader)
+    threads = torch.get_num_threads()
+    if _device(cfg).type == "cpu":  # a tiny MLP: one thread avoids OpenMP oversubscription on a shared CPU
+        torch.set_num_threads(1)
+    try:
+        trainer.fit(module, train_dataloaders=loader)
+    finally:
+        torch.set_num_threads(threads)
     best = module.best_mlp()
     with torch.no_grad():
         acc = float((best(x).argmax(-1) == y).float().mean())
