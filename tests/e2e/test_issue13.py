@@ -29,7 +29,9 @@ def test_task_agnostic_static_scoring_can_only_lose(first_run, smoke_root):
 def test_smile_runs_and_refuses_a_router(first_run, smoke_root):
     proc, res = _run(["method=smile", "router=none", "method.gate_k=4", "method.k=8"], smoke_root / "smile")
     assert res["method"] == "smile" and res["alpha"] is None
-    assert "SMILE (gate_k=4, k=8, top_k=2) over 3 tasks" in proc.stderr
+    assert (res["config"]["method"]["gate_k"], res["config"]["method"]["k"], res["config"]["method"]["top_k"]) == (4, 8, 2)
+    logs = "".join(p.read_text() for p in (smoke_root / "smile").rglob("*.log"))
+    assert "SMILE (gate_k=4, k=8, top_k=2) over 3 tasks" in logs
     proc = run_cli(SMOKE + ["method=smile", "router=projection"], smoke_root / "smile_refused")
     assert proc.returncode == 2 and "use router=none" in proc.stderr
 
