@@ -167,7 +167,11 @@ def check_task_data(cfg: DictConfig, tasks: list[TaskSpec], data_dirs: dict[str,
 def splits_needed(cfg: DictConfig) -> tuple[str, ...]:
     m = cfg.method
     needs_val = m.get("alpha_protocol", "fixed") == "validation" or m.get("lambda_protocol", "fixed") == "validation"
-    return ("test", "validation") if needs_val else ("test",)
+    splits = ("test", "validation") if needs_val else ("test",)
+    router_split = cfg.router.get("split") if cfg.router.name in ("nearest_neighbour", "mlp") else None
+    if router_split and router_split not in splits:  # the sample-based routers read training images
+        splits += (str(router_split),)
+    return splits
 
 
 def packaged_reference(source: str | None, backbone: str, tasks: list[TaskSpec]) -> dict[str, float] | None:

@@ -59,15 +59,32 @@ def build_predictor(cfg: DictConfig, assets: Assets, alpha: float | None) -> Pre
         kwargs["factors"] = factor_store(cfg, assets)
     heads = [assets.heads[t.name] for t in assets.tasks]
     visual = _fresh_visual(assets)
+    if spec.builds_module:  # SMILE: the method is its own (per-token) router (router=none: checked in validate)
+        visual = spec.fn(pretrained, finetuned, template=visual, **kwargs)
+        return static_predictor(cfg, visual, heads)
     if cfg.router.name != "none":
         return build_routed_predictor(cfg, assets, spec, pretrained, finetuned, kwargs, heads, visual)
-    if spec.per_task:
+    if spec.per_task:  # needs eval.task_known (checked in validate)
         return PerTaskPredictor(visual, heads, lambda t: spec.fn(pretrained, finetuned, task=t, **kwargs))
     t0 = time.time()
     merged = spec.fn(pretrained, finetuned, **kwargs)
     visual.load_state_dict(merged)
     log.info("merged %d endpoints with %s (alpha=%s) in %.2fs", len(finetuned), spec.name, alpha, time.time() - t0)
-    return StaticPredictor(visual, heads)
+    return static_predictor(cfg, visual, heads)
+
+
+def task_known(cfg: DictConfig) -> bool:
+    """`eval.task_known` (default true): score a static model with the true task's head, or (false) against every
+    head of the suite by MASS's head rule."""
+    return bool(cfg.eval.get("task_known", True))
+
+
+def static_predictor(cfg: DictConfig, visual: torch.nn.Module, heads: list[torch.Tensor]) -> Predictor:
+    if task_known(cfg):
+        return StaticPredictor(visual, heads)
+    from mass_exp.evaluation.predictors import TaskAgnosticPredictor
+
+    return TaskAgnosticPredictor(visual, heads)
 
 
 def factor_store(cfg: DictConfig, assets: Assets):
@@ -94,15 +111,22 @@ def build_routed_predictor(cfg: DictConfig, assets: Assets, spec: Any, pretraine
     r = cfg.router  # validated by mass_exp.config.validate (per-task merger, block inside the backbone, ...)
     router_cfg = RouterConfig(**{k: v for k, v in OmegaConf.to_container(r, resolve=True).items() if k in ROUTER_KEYS})
     factors = kwargs.get("factors") or factor_store(cfg, assets)
-    param = routing_param_name(router_cfg.block)
-    bases = [factors.V(t, param) for t in range(len(finetuned))]
-    router = ProjectionRouter(bases, router_cfg)
     first_kwargs = dict(kwargs)
     if r.redundancy_eps is not None:
         first_kwargs["eps"] = float(r.redundancy_eps)
     first = _fresh_visual(assets)
     if r.first_pass == "merged":
         first.load_state_dict(spec.fn(pretrained, finetuned, **first_kwargs))
+    features, router_info = None, None
+    from mass_exp.sample_routers import SAMPLE_ROUTERS
+
+    if r.name in SAMPLE_ROUTERS:  # routers built from a few training samples per task (the paper's ablation)
+        from mass_exp.sample_routers import build_sample_router
+
+        router, features, router_info = build_sample_router(cfg, assets, first, router_cfg)
+    else:
+        param = routing_param_name(router_cfg.block)
+        router = ProjectionRouter([factors.V(t, param) for t in range(len(finetuned))], router_cfg)
     alpha = kwargs.get("alpha", 1.0)
 
     def build_expert(task_set: tuple[int, ...]) -> Mapping[str, torch.Tensor]:
@@ -111,8 +135,10 @@ def build_routed_predictor(cfg: DictConfig, assets: Assets, spec: Any, pretraine
         sub_kwargs = {k: v for k, v in kwargs.items() if k != "factors"}
         return spec.fn(pretrained, [finetuned[t] for t in task_set], **sub_kwargs)
 
-    return RoutedPredictor(first, heads, router, build_expert, visual, router_cfg,
-                           cache_size=int(r.expert_cache_size))
+    predictor = RoutedPredictor(first, heads, router, build_expert, visual, router_cfg,
+                                cache_size=int(r.expert_cache_size), features=features)
+    predictor.router_info = router_info
+    return predictor
 
 
 def _fresh_visual(assets: Assets) -> torch.nn.Module:
@@ -305,6 +331,7 @@ def run_evaluation(cfg: DictConfig, output_dir: Path, run_hash: str | None = Non
         "run_hash": run_hash,
         "method": cfg.method.name,
         "router": {"name": cfg.router.name},
+        "task_known": task_known(cfg) if cfg.router.name == "none" else False,
         "backbone": cfg.backbone.name,
         "suite": cfg.suite.name,
         "alpha": alpha,
@@ -323,6 +350,8 @@ def run_evaluation(cfg: DictConfig, output_dir: Path, run_hash: str | None = Non
     if isinstance(predictor, RoutedPredictor):
         results["router"] = {"name": cfg.router.name, "confusion_matrix": getattr(predictor, "confusion_matrix", None),
                              "timings_s": predictor.timings, "expert_cache": predictor.experts.stats()}
+        if getattr(predictor, "router_info", None) is not None:
+            results["router"]["samples"] = predictor.router_info
     from mass_exp.evaluation.sampling import is_rank_zero
 
     if not is_rank_zero():  # distributed: every rank holds the same reduced results; rank 0 alone writes them

@@ -70,6 +70,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-warm", action="store_true", help="measure only the cold-cache MASS run")
     p.add_argument("--json", type=Path, default=None, help="also write the figures to this json file")
+    p.add_argument("--smile", action="store_true",
+                   help="also build SMILE over the same endpoints and time one SMILE pass against the static pass")
+    p.add_argument("--smile-config", type=int, nargs=3, default=(16, 32, 2), metavar=("GATE_K", "K", "TOP_K"),
+                   help="SMILE's gate rank, expert rank (-1: full) and experts per token (default: method=smile's)")
     return p.parse_args(argv)
 
 
@@ -310,6 +314,9 @@ def main(argv: list[str] | None = None) -> dict:
             results["mass_warm"] = run_mass(warm, prebuild=True)
             del warm
 
+    if args.smile:
+        results["smile"] = bench_smile(args, visual, pretrained, finetuned, store, batches, static_pass)
+
     runs = [results[k] for k in ("mass_cold", "mass_warm") if k in results]
     static_s = sum(r["static_s"] for r in runs)
     static_n = n_images * len(runs)
@@ -341,6 +348,12 @@ def main(argv: list[str] | None = None) -> dict:
         s = r["expert_cache"]
         per_build = s["build_time_s"] / s["builds"] if s["builds"] else float("nan")
         print(f"  expert cache: {json.dumps(s)} ({per_build:.2f}s per build)")
+    if "smile" in results:
+        r = results["smile"]
+        print(f"SMILE (gate_k {r['gate_k']}, k {r['k']}, top_k {r['top_k']}): built in {r['build_s']:.2f}s "
+              f"({r['layers_from_store']} layers from the factor store, {r['layers_decomposed']} decomposed), "
+              f"gates + experts {r['expert_mb']:.0f} MiB; {r['s']:.2f}s, SMILE/static = {r['ratio']:.2f}x "
+              f"(paired static {r['static_s']:.2f}s)")
     if "mass_warm" in results:
         ok = results["mass_warm"]["ratio"] <= 1.9
         print(f"target MASS <= 1.9x static (warm cache): {results['mass_warm']['ratio']:.2f}x -> "
@@ -348,6 +361,32 @@ def main(argv: list[str] | None = None) -> dict:
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     return results
+
+
+def bench_smile(args, visual, pretrained, finetuned, store, batches, static_pass) -> dict:
+    """Build SMILE (factors from the store where its ranks allow) and time one SMILE pass per batch, each paired
+    with a static pass on the same batch."""
+    import torch
+
+    from mass_exp.evaluation.predictors import embed
+    from mass_exp.merging.smile import smile_visual
+
+    gate_k, k, top_k = args.smile_config
+    stats: dict = {}
+    model = smile_visual(visual, pretrained, finetuned, gate_k=gate_k, k=k, top_k=top_k, factors=store, stats=stats)
+    with torch.no_grad():
+        embed(model, batches[0][0][:2])  # warmup
+    static_t, times = [], []
+    for images, _, _ in batches:
+        static_t.append(static_pass(images))
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            embed(model, images)
+            times.append(time.perf_counter() - t0)
+    return {"gate_k": gate_k, "k": k, "top_k": top_k, "build_s": stats["build_s"],
+            "layers_from_store": stats["from_store"], "layers_decomposed": stats["decomposed"],
+            "expert_mb": stats["extra_bytes"] / 2**20, "s": sum(times), "per_batch_s": times,
+            "static_s": sum(static_t), "ratio": sum(times) / sum(static_t)}
 
 
 if __name__ == "__main__":

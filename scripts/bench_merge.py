@@ -80,6 +80,13 @@ def tower_shapes(backbone: str) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def _template(backbone: str):
+    """A randomly initialised open_clip image tower of the backbone (SMILE copies it and loads the weights)."""
+    import open_clip
+
+    return open_clip.create_model(backbone, pretrained=None).visual.eval()
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
@@ -147,6 +154,18 @@ def run_one(args: argparse.Namespace) -> dict:
             times[f"|omega|={len(subset)}"] = round(time.perf_counter() - t1, 2)
             del out
         res["pass2_s"] = times
+    elif get_merger(args.one).builds_module:  # SMILE: a module, built over an open_clip tower of the same shapes
+        from mass_exp.merging.smile import smile_visual
+
+        template = _template(args.backbone)
+        res["template_rss_mb"] = round(peak_rss_mb())
+        t0 = time.perf_counter()
+        stats: dict = {}
+        gate_k, k, top_k = args.smile_config
+        model = smile_visual(template, pre, fts, gate_k=gate_k, k=k, top_k=top_k, factors=factors, stats=stats)
+        res["smile"] = {"gate_k": gate_k, "k": k, "top_k": top_k, "from_store": stats["from_store"],
+                        "decomposed": stats["decomposed"], "experts_mb": round(stats["extra_bytes"] / 2**20)}
+        del model
     else:
         spec = get_merger(args.one)
         kwargs: dict = {}
@@ -176,6 +195,8 @@ def main() -> None:
     ap.add_argument("--noise", type=float, default=0.1, help="noise level relative to the low-rank part")
     ap.add_argument("--workdir", default=None, help="reuse/keep endpoints here (default: a temp dir, deleted)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads in the workers (0: torch default)")
+    ap.add_argument("--smile-config", type=int, nargs=3, default=(16, 32, 2), metavar=("GATE_K", "K", "TOP_K"),
+                    help="SMILE's gate rank, expert rank (-1: full) and experts per token (default: method=smile's)")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--generate", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -190,7 +211,7 @@ def main() -> None:
         return
 
     methods = args.methods or ["zeroshot", "finetuned", "weight_average", "task_arithmetic", "ties", "consensus",
-                               "tsv_m", "tsv_c", "iso_c", "iso_cts", "mass_pass2"]
+                               "tsv_m", "tsv_c", "iso_c", "iso_cts", "mass_pass2", "smile"]
     for m in methods:
         if m not in ("factors", "mass_pass2") and m not in available_mergers():
             ap.error(f"unknown method {m!r}; valid: {available_mergers() + ['factors', 'mass_pass2']}")
@@ -214,7 +235,8 @@ def main() -> None:
         results = []
         for m in methods:
             cmd = [sys.executable, str(Path(__file__).resolve()), "--one", m, "--workdir", str(workdir),
-                   "--backbone", args.backbone, "--svd", args.svd]
+                   "--backbone", args.backbone, "--svd", args.svd,
+                   "--smile-config", *[str(v) for v in args.smile_config]]
             if args.threads:
                 cmd += ["--threads", str(args.threads)]
             print(f"running {m} ...", flush=True)
@@ -239,6 +261,11 @@ def main() -> None:
                 notes = "pass2 " + ", ".join(f"{k}: {v}s" for k, v in r["pass2_s"].items())
             if "factors_mb" in r:
                 notes += f" store {r['factors_mb']} MiB"
+            if "smile" in r:
+                sm = r["smile"]
+                notes += (f" SMILE gate_k {sm['gate_k']} k {sm['k']} top_k {sm['top_k']}: {sm['from_store']} layers "
+                          f"from the store, {sm['decomposed']} decomposed, experts {sm['experts_mb']} MiB "
+                          f"(template tower RSS {r['template_rss_mb']} MB)")
             fs = f"{r['factors_s']:.2f}" if "factors_s" in r else "-"
             cached = ("yes" if r.get("factors_from_cache") else "no") if "factors_s" in r else "-"
             print(f"{r['method']:<16}{fs:>10}{cached:>8}{r['merge_s']:>9.2f}{r['peak_rss_mb']:>13}  {notes}")

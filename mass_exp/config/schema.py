@@ -193,6 +193,15 @@ class IsoCtsMethod(Method):
     common_space_fraction: float = key(0.8, FRACTION)
 
 
+@dataclass
+class SmileMethod(Method):
+    gate_k: int = key(16, POS_INT)
+    k: int = key(32, either(POS_INT, one_of(-1), why="must be an integer >= 1 or -1 (full-rank experts)",
+                            todo="set e.g. method.k=32"))
+    top_k: int = key(2, POS_INT)
+    average_experts: bool = key(False)
+
+
 # --------------------------------------------------------------------------------------------------------- router
 
 @dataclass
@@ -216,6 +225,33 @@ class ProjectionRouter(Router):
     redundancy_eps: Optional[float] = key(None, number(0, None, lo_open=True, nullable=True))  # method=tsv_m only
     first_pass: str = key("merged", one_of("merged", "zeroshot"))
     expert_cache_size: int = key(16, POS_INT)
+
+
+@dataclass
+class NearestNeighbourRouter(ProjectionRouter):
+    """Routers built from a few samples per task (never the test split)."""
+    split: str = key("train", one_of("train", "validation"))
+    samples_per_task: Optional[int] = key(32, POS_INT_OR_NULL)
+    sample_seed: int = key(0, SEED)
+
+
+@dataclass
+class MlpRouterTrain:
+    batch_size: int = key(32, POS_INT)
+    lr: float = key(1e-5, POSITIVE)
+    weight_decay: float = key(0.1, NON_NEGATIVE)
+    t_max: int = key(10, POS_INT)
+    max_epochs: int = key(80, POS_INT)
+    batches_per_task: Optional[int] = key(400, POS_INT_OR_NULL)
+    gradient_clip_val: Optional[float] = key(10.0, number(0, None, lo_open=True, nullable=True))
+
+
+@dataclass
+class MlpRouter(NearestNeighbourRouter):
+    samples_per_task: Optional[int] = key(None, POS_INT_OR_NULL)
+    hidden_dim: int = key(1024, POS_INT)
+    dropout: float = key(0.5, number(0, 1, hi_open=True))
+    train: MlpRouterTrain = field(default_factory=MlpRouterTrain)
 
 
 # ------------------------------------------------------------------------------------------ logger, trainer, paths
@@ -262,6 +298,7 @@ class Eval:
     batch_size: int = key(256, POS_INT)
     num_workers: int = key(0, COUNT)
     max_samples_per_task: Optional[int] = key(None, POS_INT_OR_NULL)
+    task_known: bool = key(True)
 
 
 @dataclass
@@ -298,8 +335,10 @@ GROUP_SCHEMAS: dict[str, dict[str, type]] = {
     "endpoints": {"mini": MiniEndpoints, "tall_masks": TallMasksEndpoints, "retrained": RetrainedEndpoints,
                   "fusion_bench": FusionBenchEndpoints, "local": LocalEndpoints},
     "method": {"method": Method, "ties": TiesMethod, "consensus": ConsensusMethod, "tsv_c": TsvCMethod,
-               "tsv_m": TsvMMethod, "iso_cts": IsoCtsMethod},
-    "router": {"none": Router, "projection": ProjectionRouter},
+               "tsv_m": TsvMMethod, "iso_cts": IsoCtsMethod,
+               "smile": SmileMethod},
+    "router": {"none": Router, "projection": ProjectionRouter, "nearest_neighbour": NearestNeighbourRouter,
+               "mlp": MlpRouter},
     "logger": {"logger": Logger, "wandb": WandbLogger},
     "trainer": {"trainer": Trainer},
     "paths": {"paths": Paths},

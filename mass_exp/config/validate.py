@@ -143,7 +143,8 @@ def _method(cfg: DictConfig) -> None:
     if m.alpha_protocol == "validation" and not m.alpha_grid:
         raise problem("method.alpha_grid", _value(cfg, "method.alpha_grid"), "alpha_protocol=validation needs a "
                       "non-empty grid", "give one, e.g. method.alpha_grid=[0.1,0.3,1.0]")
-    if m.alpha_protocol == "fixed" and m.alpha is None and m.name not in ("zeroshot", "finetuned"):
+    spec = get_merger(m.name)
+    if m.alpha_protocol == "fixed" and m.alpha is None and spec.coefficient:
         raise problem("method.alpha", None, f"method={m.name} needs a coefficient", "set e.g. method.alpha=0.3")
     if m.get("lambda_protocol") == "validation" and not m.get("lambda_grid"):
         raise problem("method.lambda_grid", _value(cfg, "method.lambda_grid"), "lambda_protocol=validation needs a "
@@ -152,8 +153,14 @@ def _method(cfg: DictConfig) -> None:
     if isinstance(lambdas, ListConfig) and len(lambdas) != len(cfg.suite.tasks):
         raise problem("method.lambdas", list(lambdas), f"needs one value per task ({len(cfg.suite.tasks)})",
                       "give one lambda, or one per task of suite.tasks")
+    if spec.per_task and not cfg.eval.task_known:
+        raise problem("eval.task_known", False, f"method={m.name} needs the task to pick its model",
+                      "set eval.task_known=true or pick a merger of all tasks")
     if cfg.router.name != "none":
-        if get_merger(m.name).per_task:
+        if spec.builds_module:
+            raise problem("router", cfg.router.name, f"method={m.name} routes inside every layer itself",
+                          "use router=none")
+        if spec.per_task:
             raise problem("router", cfg.router.name, f"needs a merger of several tasks and method={m.name} is "
                           "per-task", "use router=none")
         if cfg.router.get("redundancy_eps") is not None and m.name != "tsv_m":

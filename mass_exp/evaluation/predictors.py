@@ -83,7 +83,8 @@ class RoutedPredictor(Predictor):
 
     def __init__(self, first_pass: nn.Module, heads: Sequence[torch.Tensor], router: "ProjectionRouter",
                  build_expert: Callable[[tuple[int, ...]], Mapping[str, torch.Tensor]], expert_template: nn.Module,
-                 config: "RouterConfig", cache_size: int = 16):
+                 config: "RouterConfig", cache_size: int = 16,
+                 features: Callable[[torch.Tensor], torch.Tensor] | None = None):
         from mass_exp.routing import ExpertCache
         from mass_exp.models.vit_hooks import first_pass_fn
 
@@ -94,7 +95,9 @@ class RoutedPredictor(Predictor):
         self._template = [expert_template]  # not a submodule: experts are built from it on the right device
         self._build_weights = build_expert
         self.experts = ExpertCache(self._build, max_size=cache_size)
-        self._features = first_pass_fn(self.first_pass, config.block, config.token)
+        # pass-1 features: the routing block's token (projection router), or e.g. the final embedding (`features`)
+        self._features = features or first_pass_fn(self.first_pass, config.block, config.token)
+        self.router_info = None
         self.timings = {"pass1_s": 0.0, "routing_s": 0.0, "expert_build_s": 0.0, "pass2_s": 0.0}
 
     def _build(self, task_set: tuple[int, ...]) -> nn.Module:
@@ -127,3 +130,30 @@ class RoutedPredictor(Predictor):
             result["task_id_correct"] = diag["task_id_correct"].to(images.device)
             result["routed_task"] = out.probs.argmax(-1).to(images.device)
         return result
+
+
+class TaskAgnosticPredictor(StaticPredictor):
+    """A static model scored without the task (`eval.task_known=false`): its embedding meets every head of the
+    suite and task and class are picked by MASS's rule (spec, MASS step 7) with Ω = all tasks: the largest logit
+    over every (task, class) pair (`head_selection=max`, or the best mean logit with `avg`). Strict accuracy needs
+    the right head and class; `correct_paper_rule` is the official code's looser rule, as for MASS rows."""
+
+    def __init__(self, visual: nn.Module, heads: Sequence[torch.Tensor], head_selection: str = "max"):
+        super().__init__(visual, heads)
+        self.head_selection = head_selection
+
+    def predict(self, images: torch.Tensor, task: int, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        from mass_exp.routing import score_predictions
+
+        emb = embed(self.visual, images)
+        n = len(images)
+        true = torch.full((n,), task, dtype=torch.long)
+        labels_cpu = labels.cpu() if labels is not None else torch.zeros(n, dtype=torch.long)
+        heads = [self.head(t) for t in range(self.num_tasks)]
+        scored = score_predictions(emb, heads, [tuple(range(self.num_tasks))] * n, true, labels_cpu,
+                                   head_selection=self.head_selection)
+        dev = images.device
+        pred_task = scored["pred_task"].to(dev)
+        return {"pred_task": pred_task, "pred_class": scored["pred_class"].to(dev),
+                "correct_paper_rule": scored["correct_paper_rule"].to(dev),
+                "task_id_correct": pred_task == task, "routed_task": pred_task}

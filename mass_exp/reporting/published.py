@@ -52,6 +52,14 @@ SOURCES: tuple[PublishedSource, ...] = (
             "mass_first_pass_zeroshot": PublishedRow(
                 None, ("router_ablation_normalized_ViT-L-14", "projection_from_pretrained", S),
                 require={"scoring": "paper_rule", "alpha": 1.0, "backbone": "ViT-L-14"}),
+            "mass_nearest_neighbour": PublishedRow(
+                None, ("router_ablation_normalized_ViT-L-14", "nearest_neighbour", S),
+                require={"scoring": "paper_rule", "alpha": 1.0, "backbone": "ViT-L-14"}),
+            "mass_mlp": PublishedRow(
+                None, ("router_ablation_normalized_ViT-L-14", "trained_mlp", S),
+                require={"scoring": "paper_rule", "alpha": 1.0, "backbone": "ViT-L-14"}),
+            # SMILE, scored like the other MoErging baselines with the task's own head (task known)
+            "smile": PublishedRow(("smile_2", B, S)),
         },
     ),
     PublishedSource(

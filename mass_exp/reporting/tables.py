@@ -21,8 +21,9 @@ from mass_exp.reporting.published import SOURCES, canonical_endpoints, find_publ
 BACKBONE_ORDER = ("tiny", "ViT-B-32", "ViT-B-16", "ViT-L-14")
 SUITE_ORDER = ("mini", "8", "14", "20")
 METHOD_ORDER = ("zeroshot", "finetuned", "weight_average", "task_arithmetic", "ties", "consensus", "tsv_c", "tsv_m",
-                "iso_c", "iso_cts")
-ROUTER_ORDER = ("projection", "batched_projection", "oracle")
+                "iso_c", "iso_cts", "smile")
+ROUTER_ORDER = ("projection", "batched_projection", "oracle", "nearest_neighbour", "mlp")
+TASK_AGNOSTIC = "task-agnostic"
 #: The projection router's defaults (conf/router/projection.yaml); a row label names every knob that differs.
 ROUTER_DEFAULTS: dict[str, Any] = {"mode": "topk", "oracle_head": False, "first_pass": "merged", "threshold": 0.2,
                                    "max_tasks": 3, "head_selection": "max", "redundancy_eps": None, "token": "cls",
@@ -166,16 +167,29 @@ def row_label(res: Mapping[str, Any]) -> str:
             chosen.append("lambda_t")
         if res.get("alpha_protocol") == "validation":
             chosen.append("alpha")
-        return res["method"] + (f" ({' and '.join(chosen)} by validation)" if chosen else "")
+        label = res["method"] + (f" ({' and '.join(chosen)} by validation)" if chosen else "")
+        return label + (f" ({TASK_AGNOSTIC})" if task_agnostic(res) else "")
     return f"MASS ({', '.join([router] + router_extras(res))}) over {res['method']}"
 
 
+def task_agnostic(res: Mapping[str, Any]) -> bool:
+    """A static run scored without the task (`eval.task_known=false`)."""
+    return _router_name(res) == "none" and res.get("task_known") is False
+
+
 def row_kind(res: Mapping[str, Any]) -> str | None:
-    """What a run is in the published tables' terms: a merger name, `mass`, `mass_first_pass_zeroshot`, or None."""
+    """What a run is in the published tables' terms: a merger name, `mass`, `mass_first_pass_zeroshot`,
+    `mass_nearest_neighbour`, `mass_mlp`, or None."""
     router = _router_name(res)
     if router == "none":
-        return str(res["method"])
-    if router != "projection" or res["method"] != "tsv_m":
+        return None if task_agnostic(res) else str(res["method"])
+    if res["method"] != "tsv_m":
+        return None
+    if router == "nearest_neighbour":
+        return "mass_nearest_neighbour" if router_extras(res) == ["top1"] else None
+    if router == "mlp":
+        return "mass_mlp" if not router_extras(res) else None
+    if router != "projection":
         return None
     extras = router_extras(res)
     if not extras:
@@ -321,7 +335,7 @@ def _entries(res: dict[str, Any], label: str) -> list[Entry]:
     b, s = str(res["backbone"]), str(res["suite"])
     tasks = {t: e.get("normalized_acc") for t, e in res["tasks"].items()}
     out = [Entry(label, row_kind(res), b, s, "strict", avg.get("acc"), avg.get("normalized_acc"), tasks, res)]
-    if _router_name(res) != "none" and "acc_paper_rule" in avg:
+    if (_router_name(res) != "none" or task_agnostic(res)) and "acc_paper_rule" in avg:
         rule_tasks = {t: (e["acc_paper_rule"] / e["finetuned_acc"] if e.get("acc_paper_rule") is not None
                           and e.get("finetuned_acc") else None) for t, e in res["tasks"].items()}
         out.append(Entry(f"{label}, {PAPER_RULE}", row_kind(res), b, s, "paper_rule", avg.get("acc_paper_rule"),

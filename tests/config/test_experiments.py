@@ -18,6 +18,9 @@ BACKBONES = ["ViT-B-32", "ViT-B-16", "ViT-L-14"]
 SUITES = ["8", "14", "20"]
 STATIC = ["zeroshot", "finetuned", "weight_average", "task_arithmetic", "ties", "consensus", "tsv_c", "tsv_m",
           "iso_c", "iso_cts"]
+# static mergers that can be scored without the task (finetuned / tsv_c pick their model by the task)
+AGNOSTIC = [m for m in STATIC if m not in ("finetuned", "tsv_c")] + ["smile"]
+PER_COL = len(STATIC) + 1 + 1 + len(AGNOSTIC)  # static rows, SMILE, MASS, task-agnostic rows
 
 
 def _resolve(cfg) -> dict:
@@ -76,12 +79,15 @@ def test_presets_exist():
 
 def test_main_table_is_methods_plus_mass_not_methods_x_routers():
     jobs = _jobs("main_table")
-    assert len(jobs) == 3 * 3 * (len(STATIC) + 1)
+    assert len(jobs) == 3 * 3 * PER_COL
     cfgs = _compose_all(jobs)
-    got = sorted((c["backbone"]["name"], c["suite"]["name"], c["method"]["name"], c["router"]["name"]) for c in cfgs)
-    want = sorted([(b, s, m, "none") for b in BACKBONES for s in SUITES for m in STATIC]
-                  + [(b, s, "tsv_m", "projection") for b in BACKBONES for s in SUITES])
+    got = sorted((c["backbone"]["name"], c["suite"]["name"], c["method"]["name"], c["router"]["name"],
+                  c["eval"]["task_known"]) for c in cfgs)
+    want = sorted([(b, s, m, "none", True) for b in BACKBONES for s in SUITES for m in STATIC + ["smile"]]
+                  + [(b, s, m, "none", False) for b in BACKBONES for s in SUITES for m in AGNOSTIC]
+                  + [(b, s, "tsv_m", "projection", True) for b in BACKBONES for s in SUITES])
     assert got == want
+    assert len({c["run_name"] for c in cfgs}) == len(cfgs)  # task-agnostic runs have their own names
     for c in cfgs:
         assert c["logger"]["group"] == "main_table"
         assert c["logger"]["tags"] == ["main_table", c["backbone"]["name"], f"suite-{c['suite']['name']}"]
@@ -95,15 +101,16 @@ def test_main_table_is_methods_plus_mass_not_methods_x_routers():
 
 def test_main_table_narrowed_from_the_command_line():
     jobs = _jobs("main_table", ["backbone=ViT-B-32", "suite='8'"])
-    assert len(jobs) == len(STATIC) + 1
+    assert len(jobs) == PER_COL
     assert {(c["backbone"]["name"], c["suite"]["name"]) for c in _compose_all(jobs)} == {("ViT-B-32", "8")}
 
 
 def test_main_table_mini():
     cfgs = _compose_all(_jobs("main_table_mini"))
-    assert len(cfgs) == len(STATIC) + 1
-    assert sorted((c["method"]["name"], c["router"]["name"]) for c in cfgs) == \
-        sorted([(m, "none") for m in STATIC] + [("tsv_m", "projection")])
+    assert len(cfgs) == PER_COL
+    assert sorted((c["method"]["name"], c["router"]["name"], c["eval"]["task_known"]) for c in cfgs) == \
+        sorted([(m, "none", True) for m in STATIC + ["smile"]] + [("tsv_m", "projection", True)]
+               + [(m, "none", False) for m in AGNOSTIC])
     for c in cfgs:
         assert (c["backbone"]["name"], c["suite"]["name"], c["endpoints"]["source"]) == ("tiny", "mini", "mini")
         assert c["backbone"]["pretrained"] is None
@@ -112,7 +119,7 @@ def test_main_table_mini():
 
 def test_router_ablation_changes_one_knob_per_row():
     cfgs = _compose_all(_jobs("router_ablation"))
-    assert len(cfgs) == 3 * 12
+    assert len(cfgs) == 3 * 14
     assert {c["backbone"]["name"] for c in cfgs} == {"ViT-L-14"}
     assert {c["suite"]["name"] for c in cfgs} == set(SUITES)
     assert {c["method"]["name"] for c in cfgs} == {"tsv_m"}
@@ -140,12 +147,18 @@ def test_router_ablation_changes_one_knob_per_row():
         ("projection", (("mode", "weighted"),)),
         ("projection", (("redundancy_eps", 0.3),)),
         ("projection", (("first_pass", "zeroshot"),)),
+        ("nearest_neighbour", (("mode", "top1"),)),
+        ("mlp", ()),
     }
+    nn_cfg = next(c for c in cfgs if c["router"]["name"] == "nearest_neighbour")["router"]
+    assert (nn_cfg["split"], nn_cfg["samples_per_task"]) == ("train", 32)
+    mlp_cfg = next(c for c in cfgs if c["router"]["name"] == "mlp")["router"]
+    assert mlp_cfg["split"] == "train" and mlp_cfg["train"]["lr"] == 1e-5 and mlp_cfg["train"]["max_epochs"] == 80
 
 
 def test_router_ablation_on_the_mini_suite():
     cfgs = _compose_all(_jobs("router_ablation", ["backbone=tiny", "suite=mini"]))
-    assert len(cfgs) == 12 and {(c["backbone"]["name"], c["suite"]["name"]) for c in cfgs} == {("tiny", "mini")}
+    assert len(cfgs) == 14 and {(c["backbone"]["name"], c["suite"]["name"]) for c in cfgs} == {("tiny", "mini")}
     assert {c["router"]["block"] for c in cfgs} == {4}
 
 

@@ -29,6 +29,7 @@ from mass_exp.errors import ConfigError
 CONF = Path(__file__).resolve().parents[2] / "conf"
 LOCAL = ["endpoints=local", "endpoints.pattern='/ckpt/{task}.safetensors'"]
 TALL = ["endpoints=tall_masks"]
+SMILE = ["method=smile", "router=none"]
 
 # key -> invalid settings (each a list of overrides: group choices first, then the bad value). One line per key.
 INVALID: dict[str, list[list[str]]] = {
@@ -39,6 +40,7 @@ INVALID: dict[str, list[list[str]]] = {
     "eval.batch_size": [["eval.batch_size=0"], ["eval.batch_size=abc"]],
     "eval.num_workers": [["eval.num_workers=-1"]],
     "eval.max_samples_per_task": [["eval.max_samples_per_task=-3"], ["eval.max_samples_per_task=0"]],
+    "eval.task_known": [["eval.task_known=maybe"], ["method=tsv_c", "router=none", "eval.task_known=false"]],
     "data.local_dirs": [["data.local_dirs=[a]"]],
     "data.local_pattern": [["data.local_pattern=[a]"]],
     "data.accept_label_mismatch": [["data.accept_label_mismatch=['']"], ["data.accept_label_mismatch=MNIST"]],
@@ -98,7 +100,8 @@ INVALID: dict[str, list[list[str]]] = {
     "method.alpha_protocol": [["method.alpha_protocol=foo"]],
     "method.alpha_grid": [["method.alpha_protocol=validation", "method.alpha_grid=[]"],
                           ["method.alpha_grid=[0.1,nan]"]],
-    "method.k": [["method=ties", "method.k=0"], ["method=consensus", "method.k=0"]],
+    "method.k": [["method=ties", "method.k=0"], ["method=consensus", "method.k=0"], [*SMILE, "method.k=0"],
+                 [*SMILE, "method.k=-2"]],
     "method.merge_fn": [["method=ties", "method.merge_fn=foo"]],
     "method.lambdas": [["method=consensus", "method.lambdas=-1"], ["method=consensus", "method.lambdas=[0.4,0.4]"]],
     "method.lambda_protocol": [["method=consensus", "method.lambda_protocol=foo"]],
@@ -108,8 +111,11 @@ INVALID: dict[str, list[list[str]]] = {
     "method.svd": [["method.svd=foo"]],
     "method.eps": [["method.eps=0"]],
     "method.common_space_fraction": [["method=iso_cts", "method.common_space_fraction=0"]],
+    "method.gate_k": [[*SMILE, "method.gate_k=0"]],
+    "method.top_k": [[*SMILE, "method.top_k=0"]],
+    "method.average_experts": [[*SMILE, "method.average_experts=maybe"]],
     # router
-    "router": [["method=finetuned"]],  # a per-task merger cannot be routed
+    "router": [["method=finetuned"], ["method=smile", "router=projection"]],  # per-task / self-routing mergers cannot be routed
     "router.name": [["router.name=''"]],
     "router.block": [["router.block=99"], ["router.block=-1"]],
     "router.token": [["router.token=foo"]],
@@ -125,6 +131,18 @@ INVALID: dict[str, list[list[str]]] = {
     "router.redundancy_eps": [["router.redundancy_eps=0"], ["method=ties", "router.redundancy_eps=0.3"]],
     "router.first_pass": [["router.first_pass=foo"]],
     "router.expert_cache_size": [["router.expert_cache_size=0"]],
+    "router.split": [["router=nearest_neighbour", "router.split=test"], ["router=mlp", "router.split=test"]],
+    "router.samples_per_task": [["router=nearest_neighbour", "router.samples_per_task=0"]],
+    "router.sample_seed": [["router=mlp", "router.sample_seed=-1"]],
+    "router.hidden_dim": [["router=mlp", "router.hidden_dim=0"]],
+    "router.dropout": [["router=mlp", "router.dropout=1"]],
+    "router.train.batch_size": [["router=mlp", "router.train.batch_size=0"]],
+    "router.train.lr": [["router=mlp", "router.train.lr=0"]],
+    "router.train.weight_decay": [["router=mlp", "router.train.weight_decay=-0.1"]],
+    "router.train.t_max": [["router=mlp", "router.train.t_max=0"]],
+    "router.train.max_epochs": [["router=mlp", "router.train.max_epochs=0"]],
+    "router.train.batches_per_task": [["router=mlp", "router.train.batches_per_task=0"]],
+    "router.train.gradient_clip_val": [["router=mlp", "router.train.gradient_clip_val=0"]],
     "router.foo": [["router.foo=1"], ["router=none", "router.threshold=0.2"]],  # unknown keys
     # logger
     "logger.name": [["logger.name=foo"]],

@@ -15,7 +15,7 @@ CONF = Path(__file__).resolve().parents[2] / "conf" / "method"
 RESERVED = {"name", "alpha", "alpha_protocol", "alpha_grid"}  # every method YAML has these
 EXPECTED = {
     "zeroshot", "finetuned", "weight_average", "task_arithmetic", "ties", "consensus",
-    "tsv_c", "tsv_m", "iso_c", "iso_cts",
+    "tsv_c", "tsv_m", "iso_c", "iso_cts", "smile",
 }
 
 
@@ -31,7 +31,8 @@ def test_unknown_merger_lists_valid_names():
 
 def test_flags():
     assert {n for n in EXPECTED if get_merger(n).per_task} == {"finetuned", "tsv_c"}
-    assert {n for n in EXPECTED if get_merger(n).uses_factors} == {"tsv_c", "tsv_m"}
+    assert {n for n in EXPECTED if get_merger(n).uses_factors} == {"tsv_c", "tsv_m", "smile"}
+    assert {n for n in EXPECTED if get_merger(n).builds_module} == {"smile"}
     spec = get_merger("tsv_m")
     assert isinstance(spec, MergerSpec) and spec.name == "tsv_m"
     with pytest.raises(AttributeError):
@@ -79,7 +80,7 @@ def test_method_yaml_names_registered_merger(path):
 
 
 def name_is_alpha_free(name: str) -> bool:
-    return name in {"zeroshot", "finetuned"}
+    return name in {"zeroshot", "finetuned", "smile"}
 
 
 def test_fixed_alpha_lookup_from_suite():
