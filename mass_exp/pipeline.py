@@ -87,7 +87,7 @@ ROUTER_KEYS = {"block", "token", "norm", "mode", "threshold", "temperature", "ma
 def build_routed_predictor(cfg: DictConfig, assets: Assets, spec: Any, pretrained: Mapping, finetuned: Sequence[Mapping],
                            kwargs: dict[str, Any], heads: list[torch.Tensor], visual: torch.nn.Module) -> Predictor:
     """MASS over `method`: pass 1 = method(all tasks), pass 2 = method(selected tasks); router bases from the factors."""
-    from mass_exp.merging.tsv import tsv_merge_from_factors
+    from mass_exp.merging.tsv import TSVExpertBuilder
     from mass_exp.models.vit_hooks import routing_param_name
     from mass_exp.routing import ProjectionRouter, RouterConfig
 
@@ -112,15 +112,38 @@ def build_routed_predictor(cfg: DictConfig, assets: Assets, spec: Any, pretraine
     elif r.first_pass != "zeroshot":
         raise ConfigError(f"router.first_pass must be 'merged' or 'zeroshot', got {r.first_pass!r}")
     alpha = kwargs.get("alpha", 1.0)
+    cache = expert_cache_options(r)
+    if spec.name == "tsv_m":  # the stored factors: no SVD at test time; experts written in place
+        builder = TSVExpertBuilder(pretrained, factors, alpha=alpha)
+
+        def build_tsv(task_set: tuple[int, ...], out: dict[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+            return builder.build(task_set, out=out)
+
+        return RoutedPredictor(first, heads, router, build_tsv, visual, router_cfg, **cache)
 
     def build_expert(task_set: tuple[int, ...]) -> Mapping[str, torch.Tensor]:
-        if spec.name == "tsv_m":  # the stored factors: no SVD at test time
-            return tsv_merge_from_factors(pretrained, factors, list(task_set), alpha=alpha)
         sub_kwargs = {k: v for k, v in kwargs.items() if k != "factors"}
         return spec.fn(pretrained, [finetuned[t] for t in task_set], **sub_kwargs)
 
-    return RoutedPredictor(first, heads, router, build_expert, visual, router_cfg,
-                           cache_size=int(r.expert_cache_size))
+    return RoutedPredictor(first, heads, router, build_expert, visual, router_cfg, **cache)
+
+
+def expert_cache_options(r: DictConfig) -> dict[str, Any]:
+    """RoutedPredictor's cache keyword arguments from the router config (bytes first, count as an extra cap)."""
+    from mass_exp.evaluation.predictors import DEFAULT_CACHE_FREE_FRACTION
+
+    size = r.get("expert_cache_size")
+    gb = r.get("expert_cache_gb")
+    if size is not None and int(size) < 0:
+        raise ConfigError(f"router.expert_cache_size must be >= 0 or null, got {size}")
+    if gb is not None and float(gb) <= 0:
+        raise ConfigError(f"router.expert_cache_gb must be > 0 or null (a share of free memory), got {gb}")
+    frac = r.get("expert_cache_free_fraction")
+    frac = DEFAULT_CACHE_FREE_FRACTION if frac is None else float(frac)
+    if not 0 < frac <= 1:
+        raise ConfigError(f"router.expert_cache_free_fraction must be in (0, 1], got {frac}")
+    return {"cache_size": None if size is None else int(size), "cache_gb": None if gb is None else float(gb),
+            "cache_free_fraction": frac}
 
 
 def _fresh_visual(assets: Assets) -> torch.nn.Module:
