@@ -319,6 +319,22 @@ class TSVExpertBuilder:
             self._gram_bytes += g.numel() * 8
         return g
 
+    def prepare(self, tasks: Sequence[int] | None = None, device: torch.device | str | None = None) -> None:
+        """Load now what no Ω changes (pretrained weights, the tasks' factors and their own Gram blocks), instead
+        of on first use. Needs ``cache=True``."""
+        if not self.cache:
+            raise ValueError("prepare() needs a caching builder (cache=True)")
+        if device is not None and self.device is None:
+            self.device = torch.device(device)
+        dev = self._resolve_device(None)
+        for name in self.names:
+            self._pre32(name, dev)
+            for t in range(self.factors.num_tasks) if tasks is None else tasks:
+                self._task_part(int(t), name, dev)
+                if self.factors.is_matrix(name):
+                    self._gram_block(name, "U", int(t), int(t), dev)
+                    self._gram_block(name, "V", int(t), int(t), dev)
+
     def nbytes(self) -> int:
         """Bytes held by the prepared pieces (pretrained weights, task factors, Gram blocks)."""
         held = [*self._pre.values(), *(x for part in self._task.values() for x in part), *self._gram.values()]
