@@ -152,12 +152,28 @@ def _fresh_visual(assets: Assets) -> torch.nn.Module:
     return copy.deepcopy(assets.model.visual).eval()
 
 
+# eval.precision -> Lightning's precision plugin: merges, expert builds and routing stay float32 (see predictors)
+EVAL_PRECISION = {"32": "32-true", "32-true": "32-true", "bf16": "bf16-mixed", "bf16-mixed": "bf16-mixed",
+                  "16-mixed": "16-mixed", "16": "16-mixed"}
+
+
+def eval_precision(cfg: DictConfig) -> str:
+    """Lightning precision of the evaluation from `eval.precision` (32 | bf16 | 16-mixed); null: trainer.precision."""
+    value = cfg.eval.get("precision")
+    if value is None:
+        return str(cfg.trainer.precision)
+    key = str(value)
+    if key not in EVAL_PRECISION:
+        raise ConfigError(f"eval.precision must be one of 32, bf16, 16-mixed; got {value!r}")
+    return EVAL_PRECISION[key]
+
+
 def _trainer(cfg: DictConfig, logger: Any = False) -> L.Trainer:
     t = cfg.trainer
     # use_distributed_sampler=False: Lightning's DistributedSampler repeats samples to even out the ranks; the
     # loaders are sharded exactly by ShardedTestData instead (mass_exp.evaluation.sampling)
     return L.Trainer(accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
-                     precision=t.precision, logger=logger, enable_checkpointing=False, enable_model_summary=False,
+                     precision=eval_precision(cfg), logger=logger, enable_checkpointing=False, enable_model_summary=False,
                      enable_progress_bar=bool(t.enable_progress_bar), use_distributed_sampler=False)
 
 
@@ -198,8 +214,11 @@ def finetuned_accuracies(cfg: DictConfig, assets: Assets, split: str, loaders: S
 
     from mass_exp.evaluation.sampling import distributed, from_rank_zero, is_rank_zero
 
-    key = stable_hash({"endpoints": assets.endpoints_id, "split": split, "limit": cfg.eval.max_samples_per_task,
-                       "heads": assets.weights_id, "tasks": [t.name for t in assets.tasks]})
+    ident = {"endpoints": assets.endpoints_id, "split": split, "limit": cfg.eval.max_samples_per_task,
+             "heads": assets.weights_id, "tasks": [t.name for t in assets.tasks]}
+    if eval_precision(cfg) != "32-true":  # measured at the run's precision (fp32 keys unchanged)
+        ident["precision"] = eval_precision(cfg)
+    key = stable_hash(ident)
     path = _cache_dir(cfg) / "reference" / f"finetuned-acc-{split}-{key}.json"
 
     def read() -> dict[str, float] | None:
@@ -350,12 +369,17 @@ def run_evaluation(cfg: DictConfig, output_dir: Path, run_hash: str | None = Non
         "tasks": per_task,
         "average": _averages(per_task),
         "eval_batch_size": int(cfg.eval.batch_size),
+        "eval_precision": eval_precision(cfg),
         "seconds": time.time() - t0,
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
     if isinstance(predictor, RoutedPredictor):
         results["router"] = {"name": cfg.router.name, "confusion_matrix": getattr(predictor, "confusion_matrix", None),
                              "timings_s": predictor.timings, "expert_cache": predictor.experts.stats()}
+        c = results["router"]["expert_cache"]
+        log.info("expert cache: %d hits, %d misses, %d evictions, peak %.2f GiB of %.2f GiB, %.1fs building",
+                 c["hits"], c["misses"], c["evictions"], c["peak_bytes"] / 2**30, (c["max_bytes"] or 0) / 2**30,
+                 c["build_time_s"])
     from mass_exp.evaluation.sampling import is_rank_zero
 
     if not is_rank_zero():  # distributed: every rank holds the same reduced results; rank 0 alone writes them

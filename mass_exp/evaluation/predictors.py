@@ -125,7 +125,7 @@ class RoutedPredictor(Predictor):
         self.router = router
         self.config = config
         self._template = [expert_template]  # not a submodule: expert slots are allocated from it on the right device
-        self._meta: nn.Module | None = None
+        self._meta: list[nn.Module] = []  # the template's structure on the meta device (not a submodule)
         self._build_weights = build_expert
         self._inplace = _takes_out(build_expert)
         self.cache_gb = cache_gb
@@ -149,9 +149,9 @@ class RoutedPredictor(Predictor):
         """An expert module on `device` with uninitialised parameters (no copy of the template's weights)."""
         import copy
 
-        if self._meta is None:
-            self._meta = copy.deepcopy(self._template[0]).to("meta")
-        slot = copy.deepcopy(self._meta).to_empty(device=device)
+        if not self._meta:
+            self._meta.append(copy.deepcopy(self._template[0]).to("meta"))
+        slot = copy.deepcopy(self._meta[0]).to_empty(device=device)
         template_buffers = dict(self._template[0].named_buffers())
         for name, buf in slot.named_buffers():  # buffers (incl. non-persistent ones) are not rebuilt: copy them
             buf.copy_(template_buffers[name])
@@ -184,8 +184,10 @@ class RoutedPredictor(Predictor):
             self.timings[k] += getattr(out.timings, k)
         heads = [self.head(t) for t in range(self.num_tasks)]
         labels_cpu = labels.cpu() if labels is not None else torch.zeros(len(images), dtype=torch.long)
-        scored = score_predictions(out.embeddings, heads, out.task_sets, true, labels_cpu,
-                                   head_selection=self.config.head_selection, oracle_head=self.config.oracle_head)
+        with no_autocast(out.embeddings.device):  # head scoring in float32 (tiny next to the passes)
+            scored = score_predictions(out.embeddings.float(), heads, out.task_sets, true, labels_cpu,
+                                       head_selection=self.config.head_selection,
+                                       oracle_head=self.config.oracle_head)
         result = {"pred_task": scored["pred_task"].to(images.device), "pred_class": scored["pred_class"].to(images.device),
                   "correct_paper_rule": scored["correct_paper_rule"].to(images.device),
                   "set_size": torch.tensor([len(s) for s in out.task_sets], device=images.device),

@@ -101,3 +101,33 @@ def test_default_budget_is_a_share_of_free_memory(routed_parts, monkeypatch):
     pred = _predictor(routed_parts, cache_free_fraction=0.25)
     pred.experts.get((0,))
     assert pred.experts.max_bytes == 2 * 2**30
+
+
+def test_builds_and_routing_stay_float32_under_autocast(routed_parts):
+    """eval.precision=bf16 runs the forward passes under autocast; merges, builds and routing must not be."""
+    *_, batches = routed_parts
+    ref = _predictor(routed_parts, cache_gb=1.0)
+    mixed = _predictor(routed_parts, cache_gb=1.0)
+    a = ref.experts.get((0, 2)).state_dict()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        b = mixed.experts.get((0, 2)).state_dict()
+    assert all(b[k].dtype == torch.float32 and torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bf16_evaluation_through_lightning(routed_parts):
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from mass_exp.evaluation.module import EvaluationModule
+
+    *_, batches = routed_parts
+    loaders = [DataLoader(TensorDataset(images, labels), batch_size=5) for images, labels in batches[:2]]
+    accs = {}
+    for precision in ("32-true", "bf16-mixed"):
+        module = EvaluationModule(_predictor(routed_parts, cache_gb=1.0), ["a", "b"])
+        L.Trainer(accelerator="cpu", precision=precision, logger=False, enable_progress_bar=False,
+                  enable_model_summary=False).test(module, dataloaders=loaders, verbose=False)
+        accs[precision] = module.results
+    for name in ("a", "b"):
+        assert accs["bf16-mixed"][name]["samples"] == accs["32-true"][name]["samples"] == 5
+        assert abs(accs["bf16-mixed"][name]["router_mean_tasks"] - accs["32-true"][name]["router_mean_tasks"]) < 1e-9
