@@ -104,7 +104,7 @@ ROUTER_KEYS = {"block", "token", "norm", "mode", "threshold", "temperature", "ma
 def build_routed_predictor(cfg: DictConfig, assets: Assets, spec: Any, pretrained: Mapping, finetuned: Sequence[Mapping],
                            kwargs: dict[str, Any], heads: list[torch.Tensor], visual: torch.nn.Module) -> Predictor:
     """MASS over `method`: pass 1 = method(all tasks), pass 2 = method(selected tasks); router bases from the factors."""
-    from mass_exp.merging.tsv import tsv_merge_from_factors
+    from mass_exp.merging.tsv import TSVExpertBuilder
     from mass_exp.models.vit_hooks import routing_param_name
     from mass_exp.routing import ProjectionRouter, RouterConfig
 
@@ -128,17 +128,34 @@ def build_routed_predictor(cfg: DictConfig, assets: Assets, spec: Any, pretraine
         param = routing_param_name(router_cfg.block)
         router = ProjectionRouter([factors.V(t, param) for t in range(len(finetuned))], router_cfg)
     alpha = kwargs.get("alpha", 1.0)
+    cache = expert_cache_options(r)
+    if spec.name == "tsv_m":  # the stored factors: no SVD at test time; experts written in place
+        builder = TSVExpertBuilder(pretrained, factors, alpha=alpha)
 
-    def build_expert(task_set: tuple[int, ...]) -> Mapping[str, torch.Tensor]:
-        if spec.name == "tsv_m":  # the stored factors: no SVD at test time
-            return tsv_merge_from_factors(pretrained, factors, list(task_set), alpha=alpha)
-        sub_kwargs = {k: v for k, v in kwargs.items() if k != "factors"}
-        return spec.fn(pretrained, [finetuned[t] for t in task_set], **sub_kwargs)
+        def build_tsv(task_set: tuple[int, ...], out: dict[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+            return builder.build(task_set, out=out)
 
-    predictor = RoutedPredictor(first, heads, router, build_expert, visual, router_cfg,
-                                cache_size=int(r.expert_cache_size), features=features)
+        build_expert = build_tsv
+    else:
+        def build_expert(task_set: tuple[int, ...]) -> Mapping[str, torch.Tensor]:
+            sub_kwargs = {k: v for k, v in kwargs.items() if k != "factors"}
+            return spec.fn(pretrained, [finetuned[t] for t in task_set], **sub_kwargs)
+
+    predictor = RoutedPredictor(first, heads, router, build_expert, visual, router_cfg, features=features, **cache)
     predictor.router_info = router_info
     return predictor
+
+
+def expert_cache_options(r: DictConfig) -> dict[str, Any]:
+    """RoutedPredictor's cache keyword arguments from the router config (bytes first, count as an extra cap; ranges
+    are checked by mass_exp.config.validate)."""
+    from mass_exp.evaluation.predictors import DEFAULT_CACHE_FREE_FRACTION
+
+    size = r.get("expert_cache_size")
+    gb = r.get("expert_cache_gb")
+    frac = r.get("expert_cache_free_fraction")
+    return {"cache_size": None if size is None else int(size), "cache_gb": None if gb is None else float(gb),
+            "cache_free_fraction": DEFAULT_CACHE_FREE_FRACTION if frac is None else float(frac)}
 
 
 def _fresh_visual(assets: Assets) -> torch.nn.Module:
@@ -147,12 +164,28 @@ def _fresh_visual(assets: Assets) -> torch.nn.Module:
     return copy.deepcopy(assets.model.visual).eval()
 
 
+# eval.precision -> Lightning's precision plugin: merges, expert builds and routing stay float32 (see predictors)
+EVAL_PRECISION = {"32": "32-true", "32-true": "32-true", "bf16": "bf16-mixed", "bf16-mixed": "bf16-mixed",
+                  "16-mixed": "16-mixed", "16": "16-mixed"}
+
+
+def eval_precision(cfg: DictConfig) -> str:
+    """Lightning precision of the evaluation from `eval.precision` (32 | bf16 | 16-mixed); null: trainer.precision."""
+    value = cfg.eval.get("precision")
+    if value is None:
+        return str(cfg.trainer.precision)
+    key = str(value)
+    if key not in EVAL_PRECISION:
+        raise ConfigError(f"eval.precision must be one of 32, bf16, 16-mixed; got {value!r}")
+    return EVAL_PRECISION[key]
+
+
 def _trainer(cfg: DictConfig, logger: Any = False) -> L.Trainer:
     t = cfg.trainer
     # use_distributed_sampler=False: Lightning's DistributedSampler repeats samples to even out the ranks; the
     # loaders are sharded exactly by ShardedTestData instead (mass_exp.evaluation.sampling)
     return L.Trainer(accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
-                     precision=t.precision, logger=logger, enable_checkpointing=False, enable_model_summary=False,
+                     precision=eval_precision(cfg), logger=logger, enable_checkpointing=False, enable_model_summary=False,
                      enable_progress_bar=bool(t.enable_progress_bar), use_distributed_sampler=False)
 
 
@@ -195,10 +228,13 @@ def finetuned_accuracies(cfg: DictConfig, assets: Assets, split: str, loaders: S
 
     from mass_exp.models.heads import heads_cache_key
 
-    key = stable_hash({"endpoints": assets.endpoints_id, "split": split, "limit": cfg.eval.max_samples_per_task,
-                       "heads": assets.weights_id, "tasks": [t.name for t in assets.tasks],
-                       "task_heads": [heads_cache_key(cfg.backbone.name, assets.weights_id, t) for t in assets.tasks],
-                       "val": [(t.val_fraction, t.val_max_samples, t.val_seed) for t in assets.tasks]})
+    ident = {"endpoints": assets.endpoints_id, "split": split, "limit": cfg.eval.max_samples_per_task,
+             "heads": assets.weights_id, "tasks": [t.name for t in assets.tasks],
+             "task_heads": [heads_cache_key(cfg.backbone.name, assets.weights_id, t) for t in assets.tasks],
+             "val": [(t.val_fraction, t.val_max_samples, t.val_seed) for t in assets.tasks]}
+    if eval_precision(cfg) != "32-true":  # measured at the run's precision (fp32 keys unchanged)
+        ident["precision"] = eval_precision(cfg)
+    key = stable_hash(ident)
     path = _cache_dir(cfg) / "reference" / f"finetuned-acc-{split}-{key}.json"
 
     def read() -> dict[str, float] | None:
@@ -344,6 +380,7 @@ def run_evaluation(cfg: DictConfig, output_dir: Path, run_hash: str | None = Non
         "tasks": per_task,
         "average": _averages(per_task),
         "eval_batch_size": int(cfg.eval.batch_size),
+        "eval_precision": eval_precision(cfg),
         "seconds": time.time() - t0,
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
@@ -352,6 +389,10 @@ def run_evaluation(cfg: DictConfig, output_dir: Path, run_hash: str | None = Non
                              "timings_s": predictor.timings, "expert_cache": predictor.experts.stats()}
         if getattr(predictor, "router_info", None) is not None:
             results["router"]["samples"] = predictor.router_info
+        c = results["router"]["expert_cache"]
+        log.info("expert cache: %d hits, %d misses, %d evictions, peak %.2f GiB of %.2f GiB, %.1fs building",
+                 c["hits"], c["misses"], c["evictions"], c["peak_bytes"] / 2**30, (c["max_bytes"] or 0) / 2**30,
+                 c["build_time_s"])
     from mass_exp.evaluation.sampling import is_rank_zero
 
     if not is_rank_zero():  # distributed: every rank holds the same reduced results; rank 0 alone writes them

@@ -224,7 +224,11 @@ class ProjectionRouter(Router):
     oracle_routing: bool = key(False)
     redundancy_eps: Optional[float] = key(None, number(0, None, lo_open=True, nullable=True))  # method=tsv_m only
     first_pass: str = key("merged", one_of("merged", "zeroshot"))
-    expert_cache_size: int = key(16, POS_INT)
+    # expert cache: a byte budget (GiB; null = expert_cache_free_fraction of the device's free memory), and an optional
+    # cap on the number of experts (null = none)
+    expert_cache_gb: Optional[float] = key(None, number(0, None, lo_open=True, nullable=True))
+    expert_cache_free_fraction: float = key(0.25, FRACTION)
+    expert_cache_size: Optional[int] = key(None, POS_INT_OR_NULL)
 
 
 @dataclass
@@ -299,6 +303,7 @@ class Eval:
     num_workers: int = key(0, COUNT)
     max_samples_per_task: Optional[int] = key(None, POS_INT_OR_NULL)
     task_known: bool = key(True)
+    precision: str = key("32", one_of("32", "bf16", "16-mixed"))
 
 
 @dataclass

@@ -27,7 +27,11 @@ def test_mass_projection_router_reports_diagnostics(first_run, smoke_root):
         assert e["acc"] <= e["acc_paper_rule"] + 1e-9
     cm = res["router"]["confusion_matrix"]
     assert [sum(row) for row in cm] == [e["samples"] for e in res["tasks"].values()]
-    assert res["router"]["expert_cache"]["builds"] >= 1
+    cache = res["router"]["expert_cache"]
+    assert cache["builds"] >= 1 and cache["misses"] == cache["builds"]
+    assert {"hits", "evictions", "build_time_s", "peak_bytes", "max_bytes"} <= set(cache)
+    assert cache["expert_bytes"] <= cache["peak_bytes"] <= cache["max_bytes"]
+    assert res["eval_precision"] == "32-true"
     assert (next(iter((smoke_root / "mass").rglob("router_confusion.png")))).stat().st_size > 0
     assert "router id" in proc.stdout
 

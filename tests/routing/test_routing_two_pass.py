@@ -23,7 +23,7 @@ class _Counter:
     def __init__(self):
         self.calls: list[tuple[int, ...]] = []
 
-    def __call__(self, key):
+    def __call__(self, key, reuse=None):
         self.calls.append(key)
         return nn.Linear(2, 2)
 
@@ -51,7 +51,7 @@ def test_expert_cache_size_zero_never_caches():
     cache = ExpertCache(build, max_size=0)
     cache.get((1,))
     cache.get((1,))
-    assert build.calls == [(1,), (1,)] and len(cache) == 0
+    assert build.calls == [(1,), (1,)] and len(cache) == 0 and cache.bytes == 0
     with pytest.raises(ValueError):
         ExpertCache(build, max_size=-1)
 
@@ -59,7 +59,7 @@ def test_expert_cache_size_zero_never_caches():
 def _perturbed_builder(base: nn.Module):
     """Stand-in for theta_pre + tsv_m(Omega): a copy of the base with weights perturbed per task set."""
 
-    def build(key):
+    def build(key, reuse=None):
         expert = copy.deepcopy(base)
         g = torch.Generator().manual_seed(1000 + sum((t + 1) * 31**i for i, t in enumerate(key)))
         with torch.no_grad():
@@ -168,3 +168,75 @@ def test_paper_rule_on_two_pass_output(tiny_visual, images, mixed_setup):
     strict = (task == true) & (cls == labels)
     loose = paper_rule_correct(out.embeddings, heads, out.task_sets, true, labels)
     assert bool((loose | ~strict).all())  # anything strictly correct is correct under the paper rule
+
+
+class _Sized:
+    """Builds a Linear(n, 1) per task set (n from the task set, so sizes differ), recording reuse."""
+
+    def __init__(self, width=lambda key: 10):
+        self.width = width
+        self.calls: list[tuple[tuple[int, ...], bool]] = []
+
+    def __call__(self, key, reuse=None):
+        self.calls.append((key, reuse is not None))
+        return nn.Linear(self.width(key), 1, bias=False)  # 4 * width bytes
+
+
+def test_byte_budget_evicts_lru_first_and_recycles_modules():
+    build = _Sized()
+    cache = ExpertCache(build, max_bytes=100, expert_bytes=40)  # two experts of 40 B fit in 100 B
+    assert cache.capacity() == 2
+    a = cache.get((0,))
+    cache.get((1,))
+    assert cache.get((0,)) is a  # hit: (0,) most recent, (1,) least
+    cache.get((2,))  # evicts (1,), its module is handed to the build
+    assert cache.keys() == [(0,), (2,)]
+    assert build.calls == [((0,), False), ((1,), False), ((2,), True)]
+    cache.get((3,))  # evicts (0,)
+    assert cache.keys() == [(2,), (3,)]
+    s = cache.stats()
+    assert (s["hits"], s["misses"], s["evictions"], s["bytes"], s["peak_bytes"]) == (1, 4, 2, 80, 80)
+    assert s["max_bytes"] == 100 and s["expert_bytes"] == 40
+
+
+def test_count_cap_is_an_extra_bound():
+    cache = ExpertCache(_Sized(), max_size=1, max_bytes=1000, expert_bytes=40)
+    assert cache.capacity() == 1
+    for key in [(0,), (1,), (0,)]:
+        cache.get(key)
+    assert cache.keys() == [(0,)] and cache.evictions == 2 and cache.peak_bytes == 40
+
+
+def test_byte_budget_never_exceeded_with_experts_of_different_sizes():
+    g = torch.Generator().manual_seed(0)
+    widths = {}
+
+    def width(key):
+        return widths.setdefault(key, int(torch.randint(1, 30, (1,), generator=g)))
+
+    budget = 200
+    cache = ExpertCache(_Sized(width), max_bytes=budget, expert_bytes=None)
+    order = [(int(t),) for t in torch.randint(0, 12, (200,), generator=g)]
+    last_use: dict[tuple[int, ...], int] = {}
+    for i, key in enumerate(order):
+        before = cache.keys()
+        cache.get(key)
+        last_use[key] = i
+        assert cache.bytes <= budget and cache.peak_bytes <= budget
+        assert cache.bytes == sum(4 * widths[k] for k in cache.keys())
+        evicted = [k for k in before if k not in cache.keys()]
+        kept = [k for k in before if k in cache.keys() and k != key]
+        # least recently used first: every evicted expert was used before every kept one
+        assert all(last_use[e] < last_use[k] for e in evicted for k in kept)
+    assert cache.evictions > 0
+
+
+def test_budget_below_one_expert_is_an_error_before_any_build():
+    build = _Sized()
+    with pytest.raises(ValueError, match="expert_cache_gb"):
+        ExpertCache(build, max_bytes=30, expert_bytes=40)
+    lazy = ExpertCache(build, max_bytes=lambda: 30, expert_bytes=40)  # resolved at the first request
+    with pytest.raises(ValueError, match="cannot hold one expert"):
+        lazy.get((0,))
+    assert build.calls == []  # nothing was built
+    assert lazy.max_bytes == 30
