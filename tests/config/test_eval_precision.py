@@ -27,6 +27,4 @@ def test_expert_cache_options():
     assert expert_cache_options(r) == {"cache_size": None, "cache_gb": None, "cache_free_fraction": 0.25}
     r = OmegaConf.create({"expert_cache_gb": 2, "expert_cache_size": 4})
     assert expert_cache_options(r) == {"cache_size": 4, "cache_gb": 2.0, "cache_free_fraction": 0.25}
-    for bad in ({"expert_cache_gb": 0}, {"expert_cache_size": -1}, {"expert_cache_free_fraction": 1.5}):
-        with pytest.raises(ConfigError):
-            expert_cache_options(OmegaConf.create(bad))
+    # out-of-range values are refused by the schema (tests/config/test_validation.py, INVALID)
