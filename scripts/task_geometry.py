@@ -92,7 +92,7 @@ def task_geometry(names: Sequence[str], pretrained: Tensors, finetuned: Sequence
     n = len(names)
     taus = [flat_task_vector(pretrained, ft) for ft in finetuned]
     pre_norm = flat_norm(pretrained)
-    unit = [t / t.norm().clamp_min(1e-12) for t in taus]
+    unit = [t.double() / t.double().norm().clamp_min(1e-12) for t in taus]  # float64: 1M-term dot products
     cosine = [[float(unit[i] @ unit[j]) for j in range(n)] for i in range(n)]
     pairs = list(itertools.combinations(range(n), 2))
     mean_abs_cos = sum(abs(cosine[i][j]) for i, j in pairs) / max(1, len(pairs))

@@ -19,7 +19,7 @@ import numpy as np
 
 Renderer = Callable[[np.random.Generator, np.ndarray, int], np.ndarray]
 
-GENERATOR_VERSION = 3  # bump when rendering changes, so cached datasets are rebuilt
+GENERATOR_VERSION = 2  # bump when rendering changes, so cached datasets are rebuilt
 
 
 def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -258,15 +258,17 @@ def generate_split(task: MiniTask, split: str, n: int, seed: int, size: int, sig
     task_idx = list(MINI_TASKS).index(task.name)
     rng = np.random.default_rng([seed, task_idx, SPLITS.index(split), GENERATOR_VERSION])
     labels = rng.permutation(np.arange(n) % len(task.classnames))
-    return task.images(rng, labels, size, signed_mask(task, split, n, seed, signed_share)), labels
+    signed = rng.random(n) < signed_share if split == "pretrain" else np.ones(n, dtype=bool)  # = signed_mask(...)
+    return task.images(rng, labels, size, signed), labels
 
 
 def signed_mask(task: MiniTask, split: str, n: int, seed: int, signed_share: float) -> np.ndarray:
     """Which images of a split carry the task's domain signature: all of them, except in `pretrain` (a share).
 
-    Drawn from a stream of its own, so the pretraining captions can be told which images are signed.
+    The same draws as `generate_split` (so the pretraining captions can be told which images are signed).
     """
     if split != "pretrain":
         return np.ones(n, dtype=bool)
-    task_idx = list(MINI_TASKS).index(task.name)
-    return np.random.default_rng([seed, task_idx, SPLITS.index(split), GENERATOR_VERSION, 1]).random(n) < signed_share
+    rng = np.random.default_rng([seed, list(MINI_TASKS).index(task.name), SPLITS.index(split), GENERATOR_VERSION])
+    rng.permutation(np.arange(n) % len(task.classnames))
+    return rng.random(n) < signed_share
