@@ -182,11 +182,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with initialize_config_dir(config_dir=_config_dir(), version_base="1.3"):
             cfg = compose(config_name="config", overrides=list(args.overrides) + ["method=tsv_m", "router=none"])
+        if len(cfg.suite.tasks) < 2:
+            raise ConfigError(f"task_geometry needs a suite of at least 2 tasks; suite.tasks={list(cfg.suite.tasks)}")
         t0 = time.time()
         assets = prepare_assets(cfg, splits=("test",))
         names = [t.name for t in assets.tasks]
-        if len(names) < 2:
-            raise ConfigError("task_geometry needs a suite of at least 2 tasks")
         pretrained = LazyStateDict(assets.pretrained_visual_file)
         pre = {k: pretrained[k] for k in pretrained}
         finetuned = [{k: v for k, v in LazyStateDict(p).items()} for p in assets.endpoint_files]

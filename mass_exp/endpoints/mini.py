@@ -30,7 +30,9 @@ log = logging.getLogger(__name__)
 
 OPENAI_LOGIT_SCALE = math.log(100.0)
 # which image-tower parameters a fine-tune trains (endpoints.finetune.trainable); attention-only after Jin et al. 2024
-TRAINABLE = {"all": lambda name: True, "attention": lambda name: ".attn." in name}
+# "attention_mlp_in" adds the MLPs' input layers (mlp.c_fc), whose task vectors MASS's router projects onto
+TRAINABLE = {"all": lambda name: True, "attention": lambda name: ".attn." in name,
+             "attention_mlp_in": lambda name: ".attn." in name or ".mlp.c_fc." in name}
 
 
 @dataclass(frozen=True)

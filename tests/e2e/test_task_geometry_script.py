@@ -38,4 +38,5 @@ def test_task_geometry_script(first_run, smoke_root, tmp_path):
     # a bad override is one line, not a traceback
     bad = subprocess.run([sys.executable, str(SCRIPT), *SMOKE, "suite.tasks=[angles]"], capture_output=True, text=True,
                          env=env, timeout=600)
-    assert bad.returncode == 2 and bad.stderr.strip().startswith("error:"), bad.stderr[-2000:]
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: task_geometry needs"), \
+        bad.stderr[-2000:]
