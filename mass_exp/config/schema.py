@@ -133,6 +133,7 @@ class MiniPretrain:
     lr: float = key(5.0e-4, POSITIVE)
     weight_decay: float = key(0.1, NON_NEGATIVE)
     warmup_steps: int = key(30, COUNT)
+    class_caption_share: float = key(1.0, UNIT)
 
 
 @dataclass
@@ -142,6 +143,7 @@ class MiniFinetune:
     lr: float = key(1.0e-4, POSITIVE)
     weight_decay: float = key(0.0, NON_NEGATIVE)
     warmup_steps: int = key(10, COUNT)
+    trainable: str = key("all", one_of("all", "attention", "attention_mlp_in"))
 
 
 @dataclass

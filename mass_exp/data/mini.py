@@ -183,6 +183,8 @@ class MiniTask:
     render: Renderer
     hue: tuple[float, float]
     noise: str
+    # a caption of the task's visual domain that names no class (pretraining captions of signed images may use it)
+    domain_caption: str = ""
 
     def images(self, rng: np.random.Generator, labels: np.ndarray, size: int, signed: np.ndarray) -> np.ndarray:
         """Render uint8 RGB images (N, S, S, 3); `signed[i]` adds the task's domain signature to image i."""
@@ -205,37 +207,37 @@ MINI_TASKS: dict[str, MiniTask] = {
             "angles",
             ("horizontal", "rising", "steep", "upright", "falling"),
             ("a photo of {c} stripes.", "{c} stripes.", "stripes running {c}."),
-            render_orientation, (0.96, 1.04), "salt_pepper",
+            render_orientation, (0.96, 1.04), "salt_pepper", "stripes.",
         ),
         MiniTask(
             "gratings",
             ("coarse", "wide", "medium", "fine", "dense"),
             ("a {c} grating.", "a photo of a {c} grating.", "a grating with {c} spacing."),
-            render_frequency, (0.13, 0.21), "block",
+            render_frequency, (0.13, 0.21), "block", "a grating.",
         ),
         MiniTask(
             "ramps",
             ("east", "northeast", "northwest", "southwest", "southeast"),
             ("light toward the {c}.", "a ramp brightening to the {c}.", "a photo of a ramp toward the {c}."),
-            render_ramp, (0.29, 0.37), "channel_gaussian",
+            render_ramp, (0.29, 0.37), "channel_gaussian", "a ramp of light.",
         ),
         MiniTask(
             "textures",
             ("checkered", "dotted", "ringed", "blotchy", "hatched"),
             ("a {c} texture.", "a photo of a {c} surface.", "{c} fabric."),
-            render_texture, (0.46, 0.54), "speckle",
+            render_texture, (0.46, 0.54), "speckle", "a textured surface.",
         ),
         MiniTask(
             "locations",
             ("topleft", "topright", "bottomleft", "bottomright", "middle"),
             ("a spot at the {c}.", "a photo of a spot in the {c}.", "one disk placed {c}."),
-            render_position, (0.63, 0.71), "column_scanlines",
+            render_position, (0.63, 0.71), "column_scanlines", "one disk.",
         ),
         MiniTask(
             "counts",
             ("single", "pair", "triple", "quadruple", "quintuple"),
             ("a {c} of squares.", "{c} squares.", "a photo showing a {c} of squares."),
-            render_count, (0.79, 0.87), "row_scanlines",
+            render_count, (0.79, 0.87), "row_scanlines", "some squares.",
         ),
     ]
 }
@@ -256,5 +258,17 @@ def generate_split(task: MiniTask, split: str, n: int, seed: int, size: int, sig
     task_idx = list(MINI_TASKS).index(task.name)
     rng = np.random.default_rng([seed, task_idx, SPLITS.index(split), GENERATOR_VERSION])
     labels = rng.permutation(np.arange(n) % len(task.classnames))
-    signed = rng.random(n) < signed_share if split == "pretrain" else np.ones(n, dtype=bool)
+    signed = rng.random(n) < signed_share if split == "pretrain" else np.ones(n, dtype=bool)  # = signed_mask(...)
     return task.images(rng, labels, size, signed), labels
+
+
+def signed_mask(task: MiniTask, split: str, n: int, seed: int, signed_share: float) -> np.ndarray:
+    """Which images of a split carry the task's domain signature: all of them, except in `pretrain` (a share).
+
+    The same draws as `generate_split` (so the pretraining captions can be told which images are signed).
+    """
+    if split != "pretrain":
+        return np.ones(n, dtype=bool)
+    rng = np.random.default_rng([seed, list(MINI_TASKS).index(task.name), SPLITS.index(split), GENERATOR_VERSION])
+    rng.permutation(np.arange(n) % len(task.classnames))
+    return rng.random(n) < signed_share

@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from mass_exp.data.datasets import ImageClassificationDataset, build_mini_task, load_split, mini_dataset_key
+from mass_exp.data.mini import get_mini_task, signed_mask
 from mass_exp.data.tasks import TaskSpec
 from mass_exp.finetune.modules import ContrastivePretrainModule, FinetuneModule
 from mass_exp.models.clip import create_clip
@@ -28,6 +29,10 @@ from mass_exp.utils.io import load_tensors, save_tensors, stable_hash
 log = logging.getLogger(__name__)
 
 OPENAI_LOGIT_SCALE = math.log(100.0)
+# which image-tower parameters a fine-tune trains (endpoints.finetune.trainable); attention-only after Jin et al. 2024
+# "attention_mlp_in" adds the MLPs' input layers (mlp.c_fc), whose task vectors MASS's router projects onto
+TRAINABLE = {"all": lambda name: True, "attention": lambda name: ".attn." in name,
+             "attention_mlp_in": lambda name: ".attn." in name or ".mlp.c_fc." in name}
 
 
 @dataclass(frozen=True)
@@ -40,19 +45,29 @@ class MiniAssets:
 
 
 class _CaptionedImages(Dataset):
-    """Pretraining pairs: an image and one of its task's templates filled with its class name, drawn at random."""
+    """Pretraining pairs: an image and one of its task's templates filled with its class name, drawn at random.
 
-    def __init__(self, parts: Sequence[tuple[ImageClassificationDataset, int]], tokens: torch.Tensor, seed: int):
-        self.items = [(ds, offset, i) for ds, offset in parts for i in range(len(ds))]
+    A signed image (one that carries its task's visual domain) is captioned with its class only with probability
+    `class_caption_share`, else with its task's domain caption (which names no class): pretraining then learns every
+    task's domain without learning its classes on it, which keeps zero-shot accuracy low.
+    """
+
+    def __init__(self, parts: Sequence[tuple[ImageClassificationDataset, int, int, Any]], tokens: torch.Tensor,
+                 domain_tokens: torch.Tensor, class_caption_share: float, seed: int):
+        self.items = [(ds, offset, task, bool(signed[i]), i) for ds, offset, task, signed in parts for i in range(len(ds))]
         self.tokens = tokens  # (num global classes, num templates, context)
+        self.domain_tokens = domain_tokens  # (num tasks, context)
+        self.class_caption_share = class_caption_share
         self.gen = torch.Generator().manual_seed(seed)
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, idx: int):
-        ds, offset, i = self.items[idx]
+        ds, offset, task, signed, i = self.items[idx]
         image, label = ds[i]
+        if signed and self.class_caption_share < 1 and float(torch.rand((), generator=self.gen)) >= self.class_caption_share:
+            return image, self.domain_tokens[task], self.tokens.shape[0] + task  # one positive id per domain caption
         g = offset + label
         t = int(torch.randint(self.tokens.shape[1], (1,), generator=self.gen))
         return image, self.tokens[g, t], g
@@ -67,22 +82,28 @@ def _trainer(trainer_cfg: Mapping[str, Any], max_steps: int = -1, max_epochs: in
 
 
 def pretrain_tiny_clip(arch: str, tasks: Sequence[TaskSpec], data_dirs: Mapping[str, Path], cfg: Mapping[str, Any],
-                       trainer_cfg: Mapping[str, Any], seed: int) -> dict[str, torch.Tensor]:
-    """Contrastive pretraining of a randomly initialised CLIP on the tasks' `pretrain` splits (plain images)."""
+                       trainer_cfg: Mapping[str, Any], seed: int,
+                       generator: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor]:
+    """Contrastive pretraining of a randomly initialised CLIP on the tasks' `pretrain` splits (mostly plain images;
+    `generator` tells which are signed, see `_CaptionedImages`)."""
     L.seed_everything(seed, verbose=False)
     model, preprocess, tokenizer = create_clip(arch, None)
     parts, offset, all_tokens = [], 0, []
     n_templates = max(len(t.templates) for t in tasks)
-    for task in tasks:
+    gen = dict(generator or {})
+    for k, task in enumerate(tasks):
         ds = ImageClassificationDataset(load_split(task, "pretrain", mini_dirs=dict(data_dirs)), preprocess)
-        parts.append((ds, offset))
+        signed = (signed_mask(get_mini_task(task.name), "pretrain", len(ds), int(gen["seed"]),
+                              float(gen["pretrain_signed_share"])) if gen else [False] * len(ds))
+        parts.append((ds, offset, k, signed))
         offset += task.num_classes
         for cls in task.classnames:
             prompts = task.prompts(cls)
             prompts = (prompts * n_templates)[:n_templates]
             all_tokens.append(tokenizer(prompts))
     tokens = torch.stack(all_tokens)
-    data = _CaptionedImages(parts, tokens, seed)
+    domain_tokens = tokenizer([get_mini_task(t.name).domain_caption for t in tasks])
+    data = _CaptionedImages(parts, tokens, domain_tokens, float(cfg.get("class_caption_share", 1.0)), seed)
     loader = DataLoader(data, batch_size=int(cfg["batch_size"]), shuffle=True, drop_last=True,
                         generator=torch.Generator().manual_seed(seed))
     steps = int(cfg["steps"])
@@ -114,12 +135,29 @@ def finetune_endpoint(arch: str, pretrained: Mapping[str, torch.Tensor], task: T
     steps = int(cfg["epochs"]) * len(train_loader)
     visual = model.visual
     visual.train()
+    trainable = str(cfg.get("trainable", "all"))
+    if trainable not in TRAINABLE:
+        raise ValueError(f"endpoints.finetune.trainable must be one of {sorted(TRAINABLE)}, got {trainable!r}")
+    for name, p in visual.named_parameters():
+        p.requires_grad_(TRAINABLE[trainable](name))
     module = FinetuneModule(visual, head, float(cfg["lr"]), float(cfg["weight_decay"]), int(cfg["warmup_steps"]), steps)
     trainer = _trainer(trainer_cfg, max_epochs=int(cfg["epochs"]))
     trainer.fit(module, train_loader, val_loader)
     visual.eval()
+    for p in visual.parameters():
+        p.requires_grad_(True)
     val_acc = float(trainer.callback_metrics.get("finetune/val_acc", torch.tensor(float("nan"))))
     return {k: v.detach().cpu() for k, v in visual.state_dict().items()}, val_acc
+
+
+# recipe keys whose value here means "as before they existed": left out of the cache keys, so caches made before the
+# keys were added stay valid (they produce the same weights)
+NEUTRAL_RECIPE = {"class_caption_share": 1.0, "trainable": "all"}
+
+
+def _recipe(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """A pretraining / fine-tuning recipe as it enters a cache key (neutral values of the newer keys left out)."""
+    return {k: v for k, v in dict(cfg).items() if not (k in NEUTRAL_RECIPE and v == NEUTRAL_RECIPE[k])}
 
 
 def prepare_mini_assets(arch: str, tasks: Sequence[TaskSpec], generator: Mapping[str, Any], pretrain: Mapping[str, Any],
@@ -131,16 +169,16 @@ def prepare_mini_assets(arch: str, tasks: Sequence[TaskSpec], generator: Mapping
     data_dirs = {t.name: build_mini_task(t.name, gen, cache / "data") for t in tasks}
     data_keys = {t.name: mini_dataset_key(t.name, gen) for t in tasks}
 
-    pre_key = stable_hash({"arch": arch, "data": data_keys, "pretrain": dict(pretrain), "seed": seed})
+    pre_key = stable_hash({"arch": arch, "data": data_keys, "pretrain": _recipe(pretrain), "seed": seed})
     pre_file = cache / "mini" / f"pretrained-{arch}-{pre_key}.safetensors"
     if not pre_file.exists():
         log.info("pretraining the tiny CLIP (cache miss %s)", pre_file.name)
-        save_tensors(pre_file, pretrain_tiny_clip(arch, tasks, data_dirs, pretrain, trainer_cfg, seed),
+        save_tensors(pre_file, pretrain_tiny_clip(arch, tasks, data_dirs, pretrain, trainer_cfg, seed, gen),
                      metadata={"kind": "mini-pretrained", "key": pre_key})
     pretrained = None
     endpoint_files, endpoint_keys = {}, {}
     for i, task in enumerate(tasks):
-        key = stable_hash({"pretrained": pre_key, "data": data_keys[task.name], "finetune": dict(finetune), "seed": seed})
+        key = stable_hash({"pretrained": pre_key, "data": data_keys[task.name], "finetune": _recipe(finetune), "seed": seed})
         path = cache / "mini" / f"finetuned-{task.name}-{key}.safetensors"
         if not path.exists():
             pretrained = pretrained if pretrained is not None else load_tensors(pre_file)

@@ -88,6 +88,7 @@ class FinetuneModule(L.LightningModule):
         self.log("finetune/val_acc", (self.logits(images).argmax(-1) == labels).float().mean(), prog_bar=True)
 
     def configure_optimizers(self):
-        opt = torch.optim.AdamW(self.visual.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        params = [p for p in self.visual.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
         sched = _cosine_with_warmup(opt, self.warmup_steps, self.max_steps)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -69,6 +69,8 @@ INVALID: dict[str, list[list[str]]] = {
     # endpoints
     "endpoints.source": [["endpoints.source=foo"]],
     "endpoints.pretrain.steps": [["endpoints.pretrain.steps=0"]],
+    "endpoints.pretrain.class_caption_share": [["endpoints.pretrain.class_caption_share=1.5"]],
+    "endpoints.finetune.trainable": [["endpoints.finetune.trainable=mlp"]],
     "endpoints.pretrain.batch_size": [["endpoints.pretrain.batch_size=0"]],
     "endpoints.pretrain.lr": [["endpoints.pretrain.lr=0"]],
     "endpoints.pretrain.weight_decay": [["endpoints.pretrain.weight_decay=-1"]],

@@ -89,3 +89,52 @@ def test_carve_validation_protocol():
     assert np.array_equal(val, val2)
     _, big = carve_validation(100_000)
     assert len(big) == 5000
+
+
+def test_signed_mask_marks_the_signed_pretraining_images():
+    """`signed_mask` is the mask `generate_split` rendered with: signed pretraining images show their noise."""
+    from mass_exp.data.mini import signed_mask
+
+    task = MINI_TASKS["counts"]  # row scanlines: every other row darkened
+    imgs, _ = generate_split(task, "pretrain", 200, 0, 32, 0.5)
+    mask = signed_mask(task, "pretrain", 200, 0, 0.5)
+    assert 60 < mask.sum() < 140
+    rows = np.abs(imgs[:, ::2].astype(float).mean((1, 2, 3)) - imgs[:, 1::2].astype(float).mean((1, 2, 3)))
+    assert rows[mask].min() > rows[~mask].max()
+    assert signed_mask(task, "test", 10, 0, 0.5).all()
+
+
+def test_domain_captions_name_no_class_and_share_no_word():
+    words = lambda text: set(re.findall(r"[a-z]+", text.lower())) - {"a", "of", "some", "one"}
+    caps = {name: words(t.domain_caption) for name, t in MINI_TASKS.items()}
+    assert all(caps.values())
+    for name, t in MINI_TASKS.items():
+        classes = {w for c in t.classnames for w in words(c)}
+        assert not caps[name] & classes, name
+        for other, o in MINI_TASKS.items():
+            if other != name:
+                assert not caps[name] & {w for c in o.classnames for w in words(c)}, (name, other)
+                assert not caps[name] & caps[other], (name, other)
+
+
+def test_pretraining_captions_name_the_class_only_for_a_share_of_signed_images():
+    import torch
+
+    from mass_exp.endpoints.mini import _CaptionedImages
+
+    class Images:
+        def __len__(self):
+            return 400
+
+        def __getitem__(self, i):
+            return torch.zeros(1), i % 5
+
+    signed = np.arange(400) < 200
+    tokens = torch.arange(5 * 3 * 2).reshape(5, 3, 2)
+    data = _CaptionedImages([(Images(), 0, 0, signed)], tokens, torch.full((1, 2), -1), 0.25, seed=0)
+    ids = np.array([data[i][2] for i in range(400)])
+    assert (ids[200:] < 5).all()  # plain images: always their class
+    domain = ids[:200] == 5  # the one domain caption's id comes after the 5 class ids
+    assert 0.6 < domain.mean() < 0.9
+    samples = [data[i] for i in range(0, 200, 7)]
+    assert all(bool((tok == -1).all()) == (pid == 5) for _, tok, pid in samples)
