@@ -236,7 +236,8 @@ class ProjectionRouter(Router):
 @dataclass
 class NearestNeighbourRouter(ProjectionRouter):
     """Routers built from a few samples per task (never the test split)."""
-    split: str = key("train", one_of("train", "validation"))
+    split: str = key("train", either(one_of("train", "validation"), why="routers built from samples must never see "
+                                     "test images", todo="pick train (the paper's) or validation"))
     samples_per_task: Optional[int] = key(32, POS_INT_OR_NULL)
     sample_seed: int = key(0, SEED)
 
