@@ -267,6 +267,8 @@ def fmt_counts(counter: Counter) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.smile and args.synthetic_factors:
+        raise SystemExit("--smile needs endpoint files to build SMILE's experts; drop --synthetic-factors")
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[var] = str(args.threads)
     import torch
@@ -300,6 +302,7 @@ def main(argv: list[str] | None = None) -> dict:
         t0 = time.perf_counter()
         store = synthetic_store(args, visual)
         pretrained = {k: v.detach().clone() for k, v in visual.state_dict().items()}
+        finetuned = None  # no endpoint files: --smile needs them
         print(f"factor store: {store!r} drawn in {time.perf_counter() - t0:.1f}s (synthetic factors)")
     else:
         pre_file, files, factor_dir = prepare_endpoints(args, arch, visual)
@@ -308,6 +311,7 @@ def main(argv: list[str] | None = None) -> dict:
                                            in_memory=args.factors_in_memory)
         print(f"factor store: {store!r} ready in {time.perf_counter() - t0:.1f}s (svd={args.svd})")
         pretrained = LazyStateDict(pre_file)
+        finetuned = [LazyStateDict(f) for f in files]
     t0 = time.perf_counter()
     merged = tsv_merge_from_factors(pretrained, store, range(args.tasks), alpha=1.0)
     merge_s = time.perf_counter() - t0
