@@ -34,6 +34,14 @@ def find_results(out_dir: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(out_dir.rglob("results.json")) if "results_store" not in p.parts]
 
 
+def run_smoke(args: list[str], out: Path) -> tuple[subprocess.CompletedProcess, dict]:
+    """One smoke run that must succeed (no logger) and its one results.json."""
+    proc = run_cli(SMOKE + ["logger=none"] + args, out)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (res,) = find_results(out)
+    return proc, res
+
+
 @pytest.fixture(scope="session")
 def smoke_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("smoke")

@@ -4,16 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from .conftest import SMOKE, find_results, run_cli
+from .conftest import SMOKE, find_results, run_cli, run_smoke as _run
 
 pytestmark = pytest.mark.slow
-
-
-def _run(args, out):
-    proc = run_cli(SMOKE + ["logger=none"] + args, out)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    (res,) = find_results(out)
-    return proc, res
 
 
 def test_task_agnostic_static_scoring_can_only_lose(first_run, smoke_root):
