@@ -108,9 +108,10 @@ def test_nearly_shared_direction_still_agrees(monkeypatch):
     u2 = _orthonormal(60, 6, g)
     u2 = torch.linalg.qr(torch.cat([(u1[:, :1] + 1e-2 * u2[:, :1]), u2[:, 1:]], 1).double())[0].float()
     fs = [(u1, torch.ones(6), _orthonormal(30, 6, g)), (u2, torch.ones(6), _orthonormal(30, 6, g))]
-    before = ORTHO_COUNTS["gram2"]
+    before, fast_before = ORTHO_COUNTS["gram2"], ORTHO_COUNTS["gram2_fast"]
     got = tsv_matrix(fs)
-    assert ORTHO_COUNTS["gram2"] == before + 2
+    assert ORTHO_COUNTS["gram2"] == before + 1  # U: float64 blocks (ill-conditioned for the float32 route)
+    assert ORTHO_COUNTS["gram2_fast"] == fast_before + 1  # V: independent subspaces, float32
     assert torch.allclose(got, tsv_matrix_svd(fs), atol=2e-4)
 
 
@@ -147,3 +148,32 @@ def test_builder_rejects_bad_tasks_and_outputs():
         builder.build([])
     with pytest.raises(ValueError, match="no tensor for parameter"):
         builder.build([0], out={})
+
+
+@pytest.mark.parametrize("tasks,route", [(2, "gram2_fast"), (3, "gram_fast"), (4, "gram_fast")])
+def test_near_orthogonal_stacks_take_the_float32_route_and_agree_with_svd(tasks, route):
+    """Tall stacks of near-orthogonal task subspaces (‖G − I‖_F small, as real task vectors give) are whitened in
+    float32, both sides, and still equal the thin-SVD route within float32 tolerance."""
+    fs = _task_factors(3000, 800, 8, tasks, seed=20 + tasks)
+    before = ORTHO_COUNTS[route]
+    a, b = tsv_lowrank(fs)
+    assert ORTHO_COUNTS[route] == before + 2
+    ref = tsv_matrix_svd(fs)
+    assert torch.allclose(a @ b.T, ref, atol=1e-5 * ref.abs().max()), (a @ b.T - ref).abs().max()
+
+
+@pytest.mark.parametrize("tasks,route", [(2, "gram2"), (3, "gram")])
+def test_moderately_ill_conditioned_stacks_take_the_float64_route(tasks, route):
+    """A nearly shared direction (λ_min/λ_max ≈ 1e-3: below FAST_GRAM_RCOND, above GRAM_RCOND): the float32 Gram
+    matrix is refused and the blocks are recomputed in float64; the result still equals the thin-SVD route."""
+    g = torch.Generator().manual_seed(40 + tasks)
+    fs = _task_factors(3000, 800, 8, tasks, seed=40 + tasks)
+    u1, u2 = fs[0][0], fs[1][0]
+    col = u1[:, :1] + 3e-2 * u2[:, :1]
+    u2 = torch.linalg.qr(torch.cat([col, u2[:, 1:]], 1).double())[0].float()
+    fs[1] = (u2, fs[1][1], fs[1][2])
+    before, fast_before = ORTHO_COUNTS[route], ORTHO_COUNTS[route + "_fast"]
+    got = tsv_matrix(fs)
+    assert ORTHO_COUNTS[route] == before + 1 and ORTHO_COUNTS[route + "_fast"] == fast_before + 1  # U: f64, V: f32
+    ref = tsv_matrix_svd(fs)
+    assert torch.allclose(got, ref, atol=2e-4 * ref.abs().max()), (got - ref).abs().max()
