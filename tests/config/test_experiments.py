@@ -77,16 +77,31 @@ def test_presets_exist():
                      "routing_block_sweep"]
 
 
+def _override(job: list[str], key: str) -> str:
+    (value,) = [o.split("=", 1)[1].strip("'\"") for o in job if o.split("=", 1)[0].lstrip("+") == key]
+    return value
+
+
 def test_main_table_is_methods_plus_mass_not_methods_x_routers():
     jobs = _jobs("main_table")
     assert len(jobs) == 3 * 3 * PER_COL
-    cfgs = _compose_all(jobs)
-    got = sorted((c["backbone"]["name"], c["suite"]["name"], c["method"]["name"], c["router"]["name"],
-                  c["eval"]["task_known"]) for c in cfgs)
+    # composed and validated (1/4 s a job): every job of suite 8 (each variant on every backbone) and every MASS job
+    # (its routing block depends on the backbone); the other suites' jobs differ from suite 8's only in `suite`
+    first = [job for job in jobs if _override(job, "suite") == "8"]
+    cfgs = _compose_all(first)
+    variant = {_override(job, "experiment/variant"): (c["method"]["name"], c["router"]["name"], c["eval"]["task_known"])
+               for job, c in zip(first, cfgs)}
+    got = sorted((_override(job, "backbone"), _override(job, "suite"), *variant[_override(job, "experiment/variant")])
+                 for job in jobs)
     want = sorted([(b, s, m, "none", True) for b in BACKBONES for s in SUITES for m in STATIC + ["smile"]]
                   + [(b, s, m, "none", False) for b in BACKBONES for s in SUITES for m in AGNOSTIC]
                   + [(b, s, "tsv_m", "projection", True) for b in BACKBONES for s in SUITES])
     assert got == want
+    mass = [job for job in jobs if variant[_override(job, "experiment/variant")][1] == "projection"
+            and _override(job, "suite") != "8"]
+    cfgs += _compose_all(mass)
+    assert {(c["backbone"]["name"], c["suite"]["name"]) for c in cfgs if c["router"]["name"] == "projection"} == \
+        {(b, s) for b in BACKBONES for s in SUITES}
     assert len({c["run_name"] for c in cfgs}) == len(cfgs)  # task-agnostic runs have their own names
     for c in cfgs:
         assert c["logger"]["group"] == "main_table"

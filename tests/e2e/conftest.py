@@ -8,8 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 # 3 tasks, a few hundred images, a short pretraining: the whole pipeline (generate -> pretrain -> heads ->
 # fine-tune -> merge -> evaluate -> log) in about a minute on 2 CPU cores.
 SMOKE = [
@@ -42,15 +40,4 @@ def run_smoke(args: list[str], out: Path) -> tuple[subprocess.CompletedProcess, 
     return proc, res
 
 
-@pytest.fixture(scope="session")
-def smoke_root(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("smoke")
-
-
-@pytest.fixture(scope="session")
-def first_run(smoke_root):
-    """The first run builds every asset (data, pretrained CLIP, endpoints, heads) and evaluates task arithmetic."""
-    out = smoke_root / "first"
-    proc = run_cli(SMOKE + ["method=task_arithmetic", "router=none"], out)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc, out
+# smoke_root / first_run live in tests/conftest.py: the DDP tests reuse the smoke run's asset cache.

@@ -1,10 +1,10 @@
 """Distributed evaluation is exact: 2 CPU processes (DDP, gloo) through the real CLI give the one-process numbers.
 
 The mini suite of the e2e smoke config has 101 test images per task (odd: rank 0 gets 51, rank 1 gets 50; at batch
-size 25 that is 3 vs 2 batches, so the ranks also run different numbers of steps). The one-process runs build the
-assets (tiny CLIP, endpoints, factor store) first; the DDP runs use a copy of that cache without the fine-tuned
-reference accuracies, so those are measured (test split) and validated (validation split, after the process group
-exists) under DDP too, and written by rank 0 alone.
+size 25 that is 3 vs 2 batches, so the ranks also run different numbers of steps). The one-process runs start from
+the e2e smoke run's assets (tiny CLIP, endpoints) and add the factor store; the DDP runs use a copy of that cache
+without the fine-tuned reference accuracies, so those are measured (test split) and validated (validation split,
+after the process group exists) under DDP too, and written by rank 0 alone.
 """
 
 from __future__ import annotations
@@ -55,8 +55,10 @@ def ddp_root(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def single(ddp_root):
-    """One-process runs (they build the shared asset cache, ddp_root/cache)."""
+def single(ddp_root, first_run, smoke_root):
+    """One-process runs, on a copy of the e2e smoke run's asset cache (the same SMOKE assets: data, tiny CLIP,
+    endpoints, heads), which they complete (factor store, references) into ddp_root/cache."""
+    shutil.copytree(smoke_root / "cache", ddp_root / "cache")
     out = {}
     for name, args in (("static", STATIC), ("mass", MASS)):
         t0 = time.time()

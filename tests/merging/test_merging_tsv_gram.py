@@ -175,5 +175,5 @@ def test_moderately_ill_conditioned_stacks_take_the_float64_route(tasks, route):
     before, fast_before = ORTHO_COUNTS[route], ORTHO_COUNTS[route + "_fast"]
     got = tsv_matrix(fs)
     assert ORTHO_COUNTS[route] == before + 1 and ORTHO_COUNTS[route + "_fast"] == fast_before + 1  # U: f64, V: f32
-    ref = tsv_matrix_svd(fs)
-    assert torch.allclose(got, ref, atol=2e-4 * ref.abs().max()), (got - ref).abs().max()
+    ref = tsv_matrix_svd([tuple(x.double() for x in f) for f in fs]).float()  # float64 SVDs: κ(Û) ≈ 50 here
+    assert torch.allclose(got, ref, atol=1e-5 * ref.abs().max()), (got - ref).abs().max()
