@@ -304,3 +304,13 @@ def test_a_sweep_value_hydra_cannot_compose_is_refused_before_the_sweep(tmp_path
     lines = proc.stderr.strip().splitlines()
     assert sorted(l.split(":")[1].strip() for l in lines) == ["method=nosuch", "router.threshold=abc"], proc.stderr
     assert "Traceback" not in proc.stderr and not out.exists()
+
+
+@pytest.mark.parametrize("overrides,why", [
+    (["method=smile", "router=projection"], "use router=none"),  # SMILE routes per token itself
+    (["router=nearest_neighbour", "router.split=test"], "never see test images"),  # sample routers: train/validation
+])
+def test_refusals_say_why_and_what_to_do(overrides, why):
+    with pytest.raises(ConfigError) as e:
+        check_overrides(overrides, config_dir=str(CONF))
+    assert why in str(e.value)
