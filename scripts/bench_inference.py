@@ -17,6 +17,10 @@ Measured, on the same batches:
   replaced (thin SVDs of the stacked factors, a deep copy of the template, load_state_dict).
 
 Runs are entries of ``RUNS`` (name -> function of the shared context returning its figures); add a method there.
+``--smile`` also builds SMILE over the same endpoints and times it against the static pass; ``--smile
+--synthetic-factors --skip-mass`` draws SMILE's q/k/v factors into the store too and times only SMILE (the static pass
+then runs the pretrained tower, the same cost as a merged one): how ViT-L-14 x 20 is measured on a small machine.
+
 ``--synthetic-factors`` skips the endpoint files and draws the factor store directly (random orthonormal factors of
 the real shapes and rank rule): the cost of inference does not depend on where the factors came from, and it makes
 ``--backbone ViT-L-14 --tasks 20`` fit on a small machine.
@@ -24,6 +28,7 @@ the real shapes and rank rule): the cost of inference does not depend on where t
     python scripts/bench_inference.py --backbone ViT-B-32 --tasks 8 --batch-size 64
     python scripts/bench_inference.py --tiny --tasks 3 --batch-size 8 --batches 2   # seconds, for a smoke test
     python scripts/bench_inference.py --backbone ViT-L-14 --tasks 20 --synthetic-factors --cache-gb 3 --batch-size 4
+    python scripts/bench_inference.py --backbone ViT-L-14 --tasks 20 --synthetic-factors --smile --skip-mass --batch-size 4
 
 Inputs: ``--inputs noise`` (every sample independent noise: the router's task sets are essentially random, the
 worst case for grouping) or ``--inputs clustered`` (task t's samples are a fixed random image per task plus
@@ -92,6 +97,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="also build SMILE over the same endpoints and time one SMILE pass against the static pass")
     p.add_argument("--smile-config", type=int, nargs=3, default=(16, 32, 2), metavar=("GATE_K", "K", "TOP_K"),
                    help="SMILE's gate rank, expert rank (-1: full) and experts per token (default: method=smile's)")
+    p.add_argument("--skip-mass", action="store_true",
+                   help="with --smile: time only SMILE against the static pass (run on the pretrained weights, the "
+                        "same cost as a merged tower); no tsv_m merge, MASS runs or expert builds")
     return p.parse_args(argv)
 
 
@@ -161,15 +169,33 @@ def prepare_endpoints(args, arch: str, visual) -> tuple[Path, list[Path], Path]:
     return pre_file, files, d / "factors"
 
 
-def synthetic_store(args, visual):
+def qkv_slices(visual) -> dict:
+    """SMILE's names of the q, k, v parts of each packed attention input projection (as `smile_visual` looks them up
+    in a factor store) -> (packed weight name, row slice)."""
+    import torch
+
+    out = {}
+    for mname, mod in visual.named_modules():
+        if isinstance(mod, torch.nn.MultiheadAttention):
+            d = mod.embed_dim
+            for j, part in enumerate("qkv"):
+                out[f"{mname}.in_proj_weight[{part}]"] = (f"{mname}.in_proj_weight", slice(j * d, (j + 1) * d))
+    return out
+
+
+def synthetic_store(args, visual, smile_parts: bool = False):
     """A factor store drawn directly: per task and matrix, orthonormal U, V (QR of Gaussians) with the rank rule's
-    k and decaying σ of the size `--delta-scale` gives; vector deltas are Gaussian. Held in memory."""
+    k and decaying σ of the size `--delta-scale` gives; vector deltas are Gaussian. Held in memory. With
+    `smile_parts` it also holds SMILE's q, k, v parts of the packed attention projections (:func:`qkv_slices`), so
+    a SMILE tower can be built from it alone."""
     import torch
 
     from mass_exp.merging.factors import FORMAT, FactorStore, _key, rank_rule, resolve_rank
     from mass_exp.merging.task_vectors import is_matrix_param
 
-    sd = visual.state_dict()
+    sd = dict(visual.state_dict())
+    if smile_parts:
+        sd.update({n: sd[w][sl] for n, (w, sl) in qkv_slices(visual).items()})
     names = list(sd)
     shapes = {n: list(sd[n].shape) for n in names}
     matrix_names = [n for n in names if is_matrix_param(shapes[n])]
@@ -193,6 +219,15 @@ def synthetic_store(args, visual):
             else:
                 tensors[_key("vec", t, n)] = size * torch.randn(shapes[n], generator=gen)
     return FactorStore(tensors, info)
+
+
+class SyntheticEndpoint(dict):
+    """Endpoint t of a synthetic SMILE bench: the pretrained tensors with the store's vector deltas added (matrix
+    weights are never read: their factors come from the store, and the bench checks that nothing was decomposed)."""
+
+    def __init__(self, pretrained, store, t: int):
+        super().__init__({n: (v + store.vector(t, n).to(v.dtype)) if n in store.names and not store.is_matrix(n)
+                          else v for n, v in pretrained.items()})
 
 
 def legacy_build(template, pretrained, store, task_set):
@@ -267,8 +302,8 @@ def fmt_counts(counter: Counter) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    if args.smile and args.synthetic_factors:
-        raise SystemExit("--smile needs endpoint files to build SMILE's experts; drop --synthetic-factors")
+    if args.skip_mass and not args.smile:
+        raise SystemExit("--skip-mass leaves nothing to time without --smile")
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[var] = str(args.threads)
     import torch
@@ -300,9 +335,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     if args.synthetic_factors:
         t0 = time.perf_counter()
-        store = synthetic_store(args, visual)
+        store = synthetic_store(args, visual, smile_parts=args.smile)
         pretrained = {k: v.detach().clone() for k, v in visual.state_dict().items()}
-        finetuned = None  # no endpoint files: --smile needs them
+        finetuned = [SyntheticEndpoint(pretrained, store, t) for t in range(args.tasks)] if args.smile else None
         print(f"factor store: {store!r} drawn in {time.perf_counter() - t0:.1f}s (synthetic factors)")
     else:
         pre_file, files, factor_dir = prepare_endpoints(args, arch, visual)
@@ -312,6 +347,11 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"factor store: {store!r} ready in {time.perf_counter() - t0:.1f}s (svd={args.svd})")
         pretrained = LazyStateDict(pre_file)
         finetuned = [LazyStateDict(f) for f in files]
+    if args.skip_mass:
+        return smile_only(args, visual, pretrained, finetuned, store, image_size)
+    if args.smile and args.synthetic_factors:
+        raise SystemExit("--smile --synthetic-factors draws SMILE's q/k/v factors into the store, which the MASS runs "
+                         "cannot use: add --skip-mass")
     t0 = time.perf_counter()
     merged = tsv_merge_from_factors(pretrained, store, range(args.tasks), alpha=1.0)
     merge_s = time.perf_counter() - t0
@@ -518,6 +558,56 @@ def main(argv: list[str] | None = None) -> dict:
           f"{results['mass_cold']['ratio']:.2f}x -> {'met' if ok else 'NOT met'}")
     if "2" in by_size:
         print(f"target expert build |Omega|=2 <= 1 s: {by_size['2']:.2f}s -> {'met' if by_size['2'] <= 1 else 'NOT met'}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    return results
+
+
+def peak_rss_mb() -> float:
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    except ImportError:  # not on POSIX
+        return float("nan")
+
+
+def smile_only(args, visual, pretrained, finetuned, store, image_size: int) -> dict:
+    """--skip-mass: SMILE against the static pass, which runs the pretrained tower (a merged tower costs the same)."""
+    import torch
+
+    from mass_exp.evaluation.predictors import embed
+
+    gen = torch.Generator().manual_seed(args.seed + 7)
+    heads = torch.cat([100.0 * torch.nn.functional.normalize(torch.randn(args.classes, int(visual.output_dim),
+                                                                         generator=gen), dim=-1)
+                       for _ in range(args.tasks)])
+    batches = make_batches(args, image_size, args.batches + 1)[1:]
+    static_model = visual.eval()
+    rss_before = peak_rss_mb()
+
+    def static_pass(images) -> float:
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            (embed(static_model, images) @ heads.T).argmax(-1)
+            return time.perf_counter() - t0
+
+    with torch.no_grad():
+        embed(static_model, batches[0][0][:2])  # warmup
+    r = bench_smile(args, visual, pretrained, finetuned, store, batches, static_pass)
+    results = {"backbone": args.backbone if not args.tiny else TINY_ARCH, "tasks": args.tasks,
+               "batch_size": args.batch_size, "batches": args.batches, "threads": args.threads,
+               "svd": "synthetic" if args.synthetic_factors else args.svd, "smile": r,
+               "peak_rss_mb_before_smile": rss_before, "peak_rss_mb": peak_rss_mb()}
+    if args.synthetic_factors and r["layers_decomposed"]:
+        raise SystemExit(f"{r['layers_decomposed']} SMILE layers were decomposed from synthetic endpoints (their "
+                         "weights are not the deltas): the synthetic store must hold every layer's factors")
+    print(f"SMILE (gate_k {r['gate_k']}, k {r['k']}, top_k {r['top_k']}): built in {r['build_s']:.2f}s "
+          f"({r['layers_from_store']} layers from the factor store, {r['layers_decomposed']} decomposed), "
+          f"gates + experts {r['expert_mb']:.0f} MiB; {r['s']:.2f}s for {args.batches} batches of {args.batch_size}, "
+          f"SMILE/static = {r['ratio']:.2f}x (paired static {r['static_s']:.2f}s)")
+    print(f"peak RSS {results['peak_rss_mb']:.0f} MB ({results['peak_rss_mb_before_smile']:.0f} MB before SMILE was "
+          "built: tower, factor store, endpoints)")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     return results
