@@ -230,12 +230,17 @@ def test_slurm_launcher_config_composes_when_the_plugin_is_installed(monkeypatch
 def test_main_table_validated_chooses_every_coefficient_on_validation():
     jobs = _jobs("main_table_validated", ["backbone=ViT-B-32", "suite='8'"])
     cfgs = _compose_all(jobs)
-    rows = {(c["method"]["name"], c["router"]["name"]): c["method"] for c in cfgs}
-    assert len(cfgs) == 10 and len(rows) == 10
-    for m in ("task_arithmetic", "ties", "consensus", "tsv_m", "iso_c", "iso_cts"):
-        method = rows[(m, "none")]
-        assert method["alpha_protocol"] == "validation" and method["alpha_grid"], m
-    assert rows[("consensus", "none")]["lambda_protocol"] == "validation"
-    assert rows[("tsv_m", "projection")]["alpha_protocol"] == "fixed"  # MASS keeps alpha = 1
+    rows = {(c["method"]["name"], c["router"]["name"], c["eval"]["task_known"]): c["method"] for c in cfgs}
+    assert len(cfgs) == 17 and len(rows) == 17
+    validated = ("task_arithmetic", "ties", "consensus", "tsv_m", "iso_c", "iso_cts")
+    for m in validated:
+        for known in (True, False):  # the task-agnostic rows choose alpha on validation too
+            method = rows[(m, "none", known)]
+            assert method["alpha_protocol"] == "validation" and method["alpha_grid"], (m, known)
+    assert rows[("consensus", "none", True)]["lambda_protocol"] == "validation"
+    assert rows[("consensus", "none", False)]["lambda_protocol"] == "validation"
+    assert rows[("tsv_m", "projection", True)]["alpha_protocol"] == "fixed"  # MASS keeps alpha = 1
+    assert {k for k in rows if not k[2]} == {(m, "none", False) for m in ("zeroshot", *validated)}
+    assert len({c["run_name"] for c in cfgs}) == len(cfgs)
     assert {c["logger"]["group"] for c in cfgs} == {"main_table_validated"}
-    assert len(_jobs("main_table_validated")) == 90
+    assert len(_jobs("main_table_validated")) == 3 * 3 * 17
