@@ -71,6 +71,7 @@ INVALID: dict[str, list[list[str]]] = {
     "endpoints.pretrain.steps": [["endpoints.pretrain.steps=0"]],
     "endpoints.pretrain.class_caption_share": [["endpoints.pretrain.class_caption_share=1.5"]],
     "endpoints.finetune.trainable": [["endpoints.finetune.trainable=mlp"]],
+    "endpoints.routing_param": [["endpoints.routing_param=mlp"]],
     "endpoints.pretrain.batch_size": [["endpoints.pretrain.batch_size=0"]],
     "endpoints.pretrain.lr": [["endpoints.pretrain.lr=0"]],
     "endpoints.pretrain.weight_decay": [["endpoints.pretrain.weight_decay=-1"]],
@@ -121,6 +122,10 @@ INVALID: dict[str, list[list[str]]] = {
     "router": [["method=finetuned"], ["method=smile", "router=projection"]],  # per-task / self-routing mergers cannot be routed
     "router.name": [["router.name=''"]],
     "router.block": [["router.block=99"], ["router.block=-1"]],
+    # the router's input layer; mlp_in on attention-only endpoints leaves it no task subspace (a cross-key rule)
+    "router.routing_param": [["router.routing_param=mlp"], ["endpoints.finetune.trainable=attention"],
+                             ["endpoints.routing_param=attn_in", "endpoints.finetune.trainable=attention",
+                              "router.routing_param=mlp_in"]],
     "router.token": [["router.token=foo"]],
     "router.norm": [["router.norm=foo"]],
     "router.mode": [["router.mode=foo"]],
@@ -183,7 +188,11 @@ ISSUE_TABLE = ["eval.batch_size=0", "router.temperature=0", "router.max_tasks=0"
 VALID_EDGES = [["router.threshold=0"], ["router.max_tasks=null"], ["router.threshold=0.999"], ["router.block=0"],
                ["router.block=5"], ["method.rank=1"], ["eval.max_samples_per_task=1"], ["seed=4294967295"],
                ["method=tsv_c", "router=none", "method.rank_fraction=1"], ["trainer.devices=auto"], ["router=none", "method=finetuned"],
-               ["method=consensus", "method.lambdas=[0.1,0.2,0.3,0.4,0.5,0.6]"], [*LOCAL], ["suite='8'", *TALL]]
+               ["method=consensus", "method.lambdas=[0.1,0.2,0.3,0.4,0.5,0.6]"], [*LOCAL], ["suite='8'", *TALL],
+               ["endpoints.finetune.trainable=attention", "endpoints.routing_param=attn_in"],
+               ["endpoints.finetune.trainable=attention", "router.routing_param=attn_in"],
+               ["endpoints.finetune.trainable=attention", "router=oracle"],
+               ["endpoints.finetune.trainable=attention", "router=none"]]
 
 
 def _all_keys() -> set[str]:
