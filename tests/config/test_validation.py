@@ -52,7 +52,8 @@ INVALID: dict[str, list[list[str]]] = {
     "backbone.pretrained": [["backbone.pretrained=[a]"]],
     "backbone.hf_hub": [["backbone.hf_hub=[a]"]],
     "backbone.quick_gelu": [["backbone.quick_gelu=maybe"]],
-    "backbone.routing_block": [["backbone.routing_block=6"], ["backbone.routing_block=-1"]],
+    "backbone.routing_block": [["backbone.routing_block=6"], ["backbone.routing_block=-1"],
+                               ["backbone.arch=mass-tiny-ViT-w256-d4"]],  # 4 blocks: the tiny default 4 is outside
     # suite
     "suite.name": [["suite.name=''"]],
     "suite.tasks": [["suite.tasks=[angles,angles]"], ["suite.tasks=[]"], ["suite.tasks=[nosuchtask]"],
@@ -192,7 +193,8 @@ VALID_EDGES = [["router.threshold=0"], ["router.max_tasks=null"], ["router.thres
                ["endpoints.finetune.trainable=attention", "endpoints.routing_param=attn_in"],
                ["endpoints.finetune.trainable=attention", "router.routing_param=attn_in"],
                ["endpoints.finetune.trainable=attention", "router=oracle"],
-               ["endpoints.finetune.trainable=attention", "router=none"]]
+               ["endpoints.finetune.trainable=attention", "router=none"],
+               ["backbone.arch=mass-tiny-ViT-w256-d4", "backbone.routing_block=2"]]
 
 
 def _all_keys() -> set[str]:
