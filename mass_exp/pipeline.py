@@ -97,7 +97,7 @@ def factor_store(cfg: DictConfig, assets: Assets):
         rank=m.get("rank"), svd=m.get("svd", "exact"), rank_fraction=m.get("rank_fraction"))
 
 
-ROUTER_KEYS = {"block", "token", "norm", "mode", "threshold", "temperature", "max_tasks", "batched",
+ROUTER_KEYS = {"block", "routing_param", "token", "norm", "mode", "threshold", "temperature", "max_tasks", "batched",
                "head_selection", "oracle_head", "oracle_routing"}
 
 
@@ -117,7 +117,7 @@ def build_routed_predictor(cfg: DictConfig, assets: Assets, spec: Any, pretraine
     first = _fresh_visual(assets)
     if r.first_pass == "merged":
         first.load_state_dict(spec.fn(pretrained, finetuned, **first_kwargs))
-    features, router_info = None, None
+    features, router_info, routing_layer = None, None, None
     from mass_exp.sample_routers import SAMPLE_ROUTERS
 
     if r.name in SAMPLE_ROUTERS:  # routers built from a few training samples per task (the paper's ablation)
@@ -125,8 +125,10 @@ def build_routed_predictor(cfg: DictConfig, assets: Assets, spec: Any, pretraine
 
         router, features, router_info = build_sample_router(cfg, assets, first, router_cfg)
     else:
-        param = routing_param_name(router_cfg.block)
-        router = ProjectionRouter([factors.V(t, param) for t in range(len(finetuned))], router_cfg)
+        # the task subspaces of mlp.c_fc (mlp_in) or attn.in_proj_weight (attn_in); RoutedPredictor reads the matching
+        # layer norm's output (ln_2 / ln_1) of the same block from config.routing_param
+        routing_layer = routing_param_name(router_cfg.block, routing_param=router_cfg.routing_param)
+        router = ProjectionRouter([factors.V(t, routing_layer) for t in range(len(finetuned))], router_cfg)
     alpha = kwargs.get("alpha", 1.0)
     cache = expert_cache_options(r)
     if spec.name == "tsv_m":  # the stored factors: no SVD at test time; experts written in place
@@ -143,6 +145,7 @@ def build_routed_predictor(cfg: DictConfig, assets: Assets, spec: Any, pretraine
 
     predictor = RoutedPredictor(first, heads, router, build_expert, visual, router_cfg, features=features, **cache)
     predictor.router_info = router_info
+    predictor.routing_layer = routing_layer
     return predictor
 
 
@@ -389,6 +392,8 @@ def run_evaluation(cfg: DictConfig, output_dir: Path, run_hash: str | None = Non
                              "timings_s": predictor.timings, "expert_cache": predictor.experts.stats()}
         if getattr(predictor, "router_info", None) is not None:
             results["router"]["samples"] = predictor.router_info
+        if getattr(predictor, "routing_layer", None) is not None:  # projection routers: the subspaces' matrix
+            results["router"]["routing_layer"] = predictor.routing_layer
         c = results["router"]["expert_cache"]
         log.info("expert cache: %d hits, %d misses, %d evictions, peak %.2f GiB of %.2f GiB, %.1fs building",
                  c["hits"], c["misses"], c["evictions"], c["peak_bytes"] / 2**30, (c["max_bytes"] or 0) / 2**30,

@@ -24,6 +24,10 @@ log = logging.getLogger(__name__)
 IGNORED_TOP_LEVEL = ("paths", "logger", "hydra", "run_name", "resume", "prefetch_splits")
 IGNORED_TRAINER = ("devices", "num_nodes", "strategy", "enable_progress_bar", "accelerator")
 IGNORED_EVAL = ("num_workers",)
+# keys added after results were filed, at the value that means "as before they existed": left out of the run hash
+# so those results still count (issue 12: the router's input layer, the paper's mlp_in)
+NEUTRAL_KEYS: dict[tuple[str, str], Any] = {("router", "routing_param"): "mlp_in",
+                                             ("endpoints", "routing_param"): "mlp_in"}
 
 
 def identity(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
@@ -35,6 +39,10 @@ def identity(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
         (c.get("trainer") or {}).pop(key, None)
     for key in IGNORED_EVAL:
         (c.get("eval") or {}).pop(key, None)
+    for (group, key), neutral in NEUTRAL_KEYS.items():
+        node = c.get(group)
+        if isinstance(node, dict) and key in node and node[key] == neutral:
+            node.pop(key)
     return c
 
 

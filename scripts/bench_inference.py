@@ -90,6 +90,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--delta-scale", type=float, default=1e-3, help="task-vector size relative to the weights")
     p.add_argument("--delta-rank", type=int, default=16, help="rank of the low-rank part of each matrix delta")
     p.add_argument("--block", type=int, default=None, help="routing block (default: the backbone's)")
+    p.add_argument("--routing-param", choices=("mlp_in", "attn_in"), default="mlp_in",
+                   help="the routing block's input the router projects (router.routing_param; default mlp_in)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-warm", action="store_true", help="measure only the cold-cache MASS run")
     p.add_argument("--json", type=Path, default=None, help="also write the figures to this json file")
@@ -370,8 +372,8 @@ def main(argv: list[str] | None = None) -> dict:
     heads = [100.0 * torch.nn.functional.normalize(torch.randn(args.classes, out_dim, generator=gen), dim=-1)
              for _ in range(args.tasks)]
     all_heads = torch.cat(heads)
-    router_cfg = RouterConfig(block=block)
-    param = routing_param_name(block)
+    router_cfg = RouterConfig(block=block, routing_param=args.routing_param)
+    param = routing_param_name(block, routing_param=router_cfg.routing_param)
     router = ProjectionRouter([store.V(t, param) for t in range(args.tasks)], router_cfg)
     expert_bytes = module_nbytes(template)
 
@@ -381,7 +383,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     # routing of each measured batch (deterministic: the same pass-1 model and router the predictor uses)
     with torch.no_grad():
-        plan = [router(routing_features(first, images, block, router_cfg.token)).task_sets for images, _, _ in batches]
+        plan = [router(routing_features(first, images, block, router_cfg.token,
+                                                     router_cfg.routing_param)).task_sets for images, _, _ in batches]
     set_sizes = Counter(len(s) for sets in plan for s in sets)
     distinct = [len(set(sets)) for sets in plan]
     all_distinct = len({s for sets in plan for s in sets})

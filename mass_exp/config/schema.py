@@ -148,6 +148,8 @@ class MiniFinetune:
 
 @dataclass
 class MiniEndpoints(EndpointsBase):
+    # the routing block's input the projection router reads on these endpoints (router.routing_param's default)
+    routing_param: str = key("mlp_in", one_of("mlp_in", "attn_in"))
     pretrain: MiniPretrain = field(default_factory=MiniPretrain)
     finetune: MiniFinetune = field(default_factory=MiniFinetune)
 
@@ -214,6 +216,7 @@ class Router:
 @dataclass
 class ProjectionRouter(Router):
     block: int = key(MISSING, COUNT)                    # inside the backbone: checked in validate
+    routing_param: str = key("mlp_in", one_of("mlp_in", "attn_in"))   # mlp.c_fc (ln_2 in) | attn.in_proj (ln_1 in)
     token: str = key("cls", one_of("cls", "mean"))
     norm: str = key("l2", one_of("l2", "mahalanobis"))
     mode: str = key("topk", one_of("topk", "top1", "weighted"))

@@ -163,6 +163,12 @@ def _method(cfg: DictConfig) -> None:
         if spec.per_task:
             raise problem("router", cfg.router.name, f"needs a merger of several tasks and method={m.name} is "
                           "per-task", "use router=none")
+        trainable = cfg.endpoints.finetune.trainable if cfg.endpoints.source == "mini" else "all"
+        projects = cfg.router.name not in ("nearest_neighbour", "mlp") and not cfg.router.get("oracle_routing")
+        if projects and cfg.router.get("routing_param") == "mlp_in" and trainable == "attention":
+            raise problem("router.routing_param", "mlp_in", "endpoints.finetune.trainable=attention leaves every "
+                          "mlp.c_fc at its pretrained value, so the router has no task subspace to project on",
+                          "set router.routing_param=attn_in (or endpoints.routing_param=attn_in)")
         if cfg.router.get("redundancy_eps") is not None and m.name != "tsv_m":
             raise problem("router.redundancy_eps", cfg.router.redundancy_eps, "applies to method=tsv_m only",
                           "set router.redundancy_eps=null or method=tsv_m")

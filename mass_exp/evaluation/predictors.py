@@ -134,8 +134,9 @@ class RoutedPredictor(Predictor):
         self.experts = ExpertCache(self._build, max_size=cache_size, max_bytes=self._budget_bytes,
                                    expert_bytes=module_nbytes(expert_template))
         # pass-1 features: the routing block's token (projection router), or e.g. the final embedding (`features`)
-        self._features = features or first_pass_fn(self.first_pass, config.block, config.token)
+        self._features = features or first_pass_fn(self.first_pass, config.block, config.token, config.routing_param)
         self.router_info = None
+        self.routing_layer: str | None = None  # the matrix whose task subspaces a projection router reads
         self.timings = {"pass1_s": 0.0, "routing_s": 0.0, "expert_build_s": 0.0, "pass2_s": 0.0}
 
     def _device(self) -> torch.device:

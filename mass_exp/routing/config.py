@@ -13,11 +13,15 @@ RouterMode = Literal["topk", "top1", "weighted"]
 TokenSelection = Literal["cls", "mean"]
 ResidualNorm = Literal["l2", "mahalanobis"]
 HeadSelection = Literal["max", "avg"]
+RoutingParam = Literal["mlp_in", "attn_in"]
 
 ROUTER_MODES: tuple[str, ...] = ("topk", "top1", "weighted")
 TOKEN_SELECTIONS: tuple[str, ...] = ("cls", "mean")
 RESIDUAL_NORMS: tuple[str, ...] = ("l2", "mahalanobis")
 HEAD_SELECTIONS: tuple[str, ...] = ("max", "avg")
+#: which input space of the routing block the router projects on: the MLP's (``mlp.c_fc``, ln_2 output; the paper's)
+#: or the attention's (``attn.in_proj_weight``, ln_1 output)
+ROUTING_PARAMS: tuple[str, ...] = ("mlp_in", "attn_in")
 
 #: Routing block per backbone (0-based), MASS_SPEC step 3.
 DEFAULT_ROUTING_BLOCK: dict[str, int] = {"ViT-B-32": 9, "ViT-B-16": 9, "ViT-L-14": 20}
@@ -28,6 +32,9 @@ class RouterConfig:
     """All router knobs (MASS_SPEC steps 3-8).
 
     - ``block``: 0-based resblock whose ``ln_2`` output feeds the router (step 3).
+    - ``routing_param``: ``mlp_in`` (the paper's): project the block's ``ln_2`` output on the task subspaces of
+      ``mlp.c_fc.weight``; ``attn_in``: project its ``ln_1`` output on those of ``attn.in_proj_weight`` (for
+      endpoints that fine-tuned the attention only, whose ``mlp.c_fc`` task vectors are zero).
     - ``token``: ``cls`` (token 0 of each sample, batch-first) or ``mean`` (mean over all tokens, CLS
       included, as the official ``x.mean(dim=0)`` on the (L, B, D) layout).
     - ``norm``: ``l2`` or ``mahalanobis`` (= l2 / sqrt(mahalanobis_eps), step 8).
@@ -40,6 +47,7 @@ class RouterConfig:
     """
 
     block: int = 9
+    routing_param: RoutingParam = "mlp_in"
     token: TokenSelection = "cls"
     norm: ResidualNorm = "l2"
     mahalanobis_eps: float = 1e-3
@@ -56,6 +64,8 @@ class RouterConfig:
     def __post_init__(self) -> None:
         if self.block < 0:
             raise ValueError(f"block must be >= 0, got {self.block}")
+        if self.routing_param not in ROUTING_PARAMS:
+            raise ValueError(f"routing_param must be one of {ROUTING_PARAMS}, got {self.routing_param!r}")
         if self.token not in TOKEN_SELECTIONS:
             raise ValueError(f"token must be one of {TOKEN_SELECTIONS}, got {self.token!r}")
         if self.norm not in RESIDUAL_NORMS:

@@ -52,7 +52,8 @@ INVALID: dict[str, list[list[str]]] = {
     "backbone.pretrained": [["backbone.pretrained=[a]"]],
     "backbone.hf_hub": [["backbone.hf_hub=[a]"]],
     "backbone.quick_gelu": [["backbone.quick_gelu=maybe"]],
-    "backbone.routing_block": [["backbone.routing_block=6"], ["backbone.routing_block=-1"]],
+    "backbone.routing_block": [["backbone.routing_block=6"], ["backbone.routing_block=-1"],
+                               ["backbone.arch=mass-tiny-ViT-w256-d4"]],  # 4 blocks: the tiny default 4 is outside
     # suite
     "suite.name": [["suite.name=''"]],
     "suite.tasks": [["suite.tasks=[angles,angles]"], ["suite.tasks=[]"], ["suite.tasks=[nosuchtask]"],
@@ -71,6 +72,7 @@ INVALID: dict[str, list[list[str]]] = {
     "endpoints.pretrain.steps": [["endpoints.pretrain.steps=0"]],
     "endpoints.pretrain.class_caption_share": [["endpoints.pretrain.class_caption_share=1.5"]],
     "endpoints.finetune.trainable": [["endpoints.finetune.trainable=mlp"]],
+    "endpoints.routing_param": [["endpoints.routing_param=mlp"]],
     "endpoints.pretrain.batch_size": [["endpoints.pretrain.batch_size=0"]],
     "endpoints.pretrain.lr": [["endpoints.pretrain.lr=0"]],
     "endpoints.pretrain.weight_decay": [["endpoints.pretrain.weight_decay=-1"]],
@@ -121,6 +123,10 @@ INVALID: dict[str, list[list[str]]] = {
     "router": [["method=finetuned"], ["method=smile", "router=projection"]],  # per-task / self-routing mergers cannot be routed
     "router.name": [["router.name=''"]],
     "router.block": [["router.block=99"], ["router.block=-1"]],
+    # the router's input layer; mlp_in on attention-only endpoints leaves it no task subspace (a cross-key rule)
+    "router.routing_param": [["router.routing_param=mlp"], ["endpoints.finetune.trainable=attention"],
+                             ["endpoints.routing_param=attn_in", "endpoints.finetune.trainable=attention",
+                              "router.routing_param=mlp_in"]],
     "router.token": [["router.token=foo"]],
     "router.norm": [["router.norm=foo"]],
     "router.mode": [["router.mode=foo"]],
@@ -183,7 +189,12 @@ ISSUE_TABLE = ["eval.batch_size=0", "router.temperature=0", "router.max_tasks=0"
 VALID_EDGES = [["router.threshold=0"], ["router.max_tasks=null"], ["router.threshold=0.999"], ["router.block=0"],
                ["router.block=5"], ["method.rank=1"], ["eval.max_samples_per_task=1"], ["seed=4294967295"],
                ["method=tsv_c", "router=none", "method.rank_fraction=1"], ["trainer.devices=auto"], ["router=none", "method=finetuned"],
-               ["method=consensus", "method.lambdas=[0.1,0.2,0.3,0.4,0.5,0.6]"], [*LOCAL], ["suite='8'", *TALL]]
+               ["method=consensus", "method.lambdas=[0.1,0.2,0.3,0.4,0.5,0.6]"], [*LOCAL], ["suite='8'", *TALL],
+               ["endpoints.finetune.trainable=attention", "endpoints.routing_param=attn_in"],
+               ["endpoints.finetune.trainable=attention", "router.routing_param=attn_in"],
+               ["endpoints.finetune.trainable=attention", "router=oracle"],
+               ["endpoints.finetune.trainable=attention", "router=none"],
+               ["backbone.arch=mass-tiny-ViT-w256-d4", "backbone.routing_block=2"]]
 
 
 def _all_keys() -> set[str]:

@@ -12,6 +12,7 @@ pytestmark = pytest.mark.slow
 def test_mass_projection_router_reports_diagnostics(first_run, smoke_root):
     proc, res = _run(["method=tsv_m", "router=projection", "router.block=4"], smoke_root / "mass")
     assert res["router"]["name"] == "projection"
+    assert res["router"]["routing_layer"] == "transformer.resblocks.4.mlp.c_fc.weight"  # the paper's (mlp_in)
     for name, e in res["tasks"].items():
         for key in ("acc_paper_rule", "router_task_id_acc", "router_survival"):
             assert 0.0 <= e[key] <= 1.0, (name, key)
@@ -27,6 +28,17 @@ def test_mass_projection_router_reports_diagnostics(first_run, smoke_root):
     assert res["eval_precision"] == "32-true"
     assert (next(iter((smoke_root / "mass").rglob("router_confusion.png")))).stat().st_size > 0
     assert "router id" in proc.stdout
+
+
+def test_attn_in_router_projects_on_the_attention_input(first_run, smoke_root):
+    """router.routing_param=attn_in: the router's bases are the subspaces of attn.in_proj_weight (the feature, ln_1's
+    output, is checked in tests/routing)."""
+    _, res = _run(["method=tsv_m", "router=projection", "router.block=4", "router.routing_param=attn_in"],
+                  smoke_root / "mass_attn_in")
+    assert res["router"]["routing_layer"] == "transformer.resblocks.4.attn.in_proj_weight"
+    assert res["config"]["router"]["routing_param"] == "attn_in"
+    for e in res["tasks"].values():
+        assert 0.0 <= e["router_task_id_acc"] <= 1.0 and 1.0 <= e["router_mean_tasks"] <= 3.0
 
 
 def test_oracle_router_equals_tsv_c(first_run, smoke_root):

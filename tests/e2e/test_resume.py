@@ -101,6 +101,21 @@ def test_run_hash_ignores_paths_logging_and_devices_but_not_the_method():
     assert "paths" not in identity(base)
 
 
+def test_run_hash_leaves_out_newer_keys_at_their_neutral_value():
+    base = {"method": {"name": "tsv_m"}, "router": {"name": "projection", "block": 4},
+            "endpoints": {"source": "mini"}}
+    paper = json.loads(json.dumps(base))
+    paper["router"]["routing_param"] = "mlp_in"
+    paper["endpoints"]["routing_param"] = "mlp_in"
+    assert run_hash(paper) == run_hash(base)  # results filed before router.routing_param existed still count
+    attn = json.loads(json.dumps(paper))
+    attn["router"]["routing_param"] = "attn_in"
+    assert run_hash(attn) != run_hash(base)
+    attn = json.loads(json.dumps(paper))
+    attn["endpoints"]["routing_param"] = "attn_in"
+    assert run_hash(attn) != run_hash(base)
+
+
 def test_only_complete_results_of_the_same_config_count():
     h = "abc"
     good = {"status": "complete", "run_hash": h, "tasks": {"a": {"samples": 3}, "b": {"samples": 1}}}
