@@ -168,7 +168,9 @@ def splits_needed(cfg: DictConfig) -> tuple[str, ...]:
     m = cfg.method
     needs_val = m.get("alpha_protocol", "fixed") == "validation" or m.get("lambda_protocol", "fixed") == "validation"
     splits = ("test", "validation") if needs_val else ("test",)
-    router_split = cfg.router.get("split") if cfg.router.name in ("nearest_neighbour", "mlp") else None
+    from mass_exp.routing.config import SAMPLE_ROUTERS
+
+    router_split = cfg.router.get("split") if cfg.router.name in SAMPLE_ROUTERS else None
     if router_split and router_split not in splits:  # the sample-based routers read training images
         splits += (str(router_split),)
     return splits

@@ -28,11 +28,11 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from mass_exp.errors import ConfigError
+from mass_exp.routing.config import SAMPLE_ROUTERS
 from mass_exp.utils.io import atomic_path, stable_hash
 
 log = logging.getLogger(__name__)
 
-SAMPLE_ROUTERS = ("nearest_neighbour", "mlp")
 FORMAT = "mass-exp-router/1"
 
 

@@ -367,11 +367,7 @@ def main(argv: list[str] | None = None) -> dict:
     template = visual.eval()  # holds theta_pre; expert slots are allocated from its structure
     print(f"tsv_m merge of all {args.tasks} tasks (static model and pass-1 model): {merge_s:.2f}s")
 
-    gen = torch.Generator().manual_seed(args.seed + 7)
-    out_dim = int(visual.output_dim)
-    heads = [100.0 * torch.nn.functional.normalize(torch.randn(args.classes, out_dim, generator=gen), dim=-1)
-             for _ in range(args.tasks)]
-    all_heads = torch.cat(heads)
+    heads = random_heads(args, visual)
     router_cfg = RouterConfig(block=block, routing_param=args.routing_param)
     param = routing_param_name(block, routing_param=router_cfg.routing_param)
     router = ProjectionRouter([store.V(t, param) for t in range(args.tasks)], router_cfg)
@@ -402,11 +398,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     counted = ("hits", "misses", "builds", "evictions", "build_time_s")
 
-    def static_pass(images) -> float:
-        with torch.no_grad():
-            t0 = time.perf_counter()
-            (embed(static_model, images) @ all_heads.T).argmax(-1)
-            return time.perf_counter() - t0
+    static_pass = static_timer(static_model, heads)
 
     def run_mass(predictor, prebuild: bool):
         """Per batch: one static pass, then predictor.predict, both timed, back to back (so the machine's load is
@@ -508,12 +500,7 @@ def main(argv: list[str] | None = None) -> dict:
     static_n = n_images * len(runs)
     results["static"] = {"s": static_s, "images": static_n, "img_per_s": static_n / static_s,
                          "per_batch_s": [t for r in runs for t in r["static_per_batch_s"]]}
-    try:
-        import resource
-
-        results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    except ImportError:  # not on POSIX
-        pass
+    results["peak_rss_mb"] = peak_rss_mb()
 
     # ---- report
     print(f"|Omega| over {n_images} samples: {fmt_counts(set_sizes)}")
@@ -566,6 +553,33 @@ def main(argv: list[str] | None = None) -> dict:
     return results
 
 
+def random_heads(args, visual) -> list:
+    """One random (classes, E) head per task, L2-normalised rows scaled by 100 as CLIP's logit scale does."""
+    import torch
+
+    gen = torch.Generator().manual_seed(args.seed + 7)
+    out_dim = int(visual.output_dim)
+    return [100.0 * torch.nn.functional.normalize(torch.randn(args.classes, out_dim, generator=gen), dim=-1)
+            for _ in range(args.tasks)]
+
+
+def static_timer(static_model, heads):
+    """images -> seconds of one static pass: embed (L2-normalised), score against every head, argmax."""
+    import torch
+
+    from mass_exp.evaluation.predictors import embed
+
+    all_heads = torch.cat(list(heads))
+
+    def static_pass(images) -> float:
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            (embed(static_model, images) @ all_heads.T).argmax(-1)
+            return time.perf_counter() - t0
+
+    return static_pass
+
+
 def peak_rss_mb() -> float:
     try:
         import resource
@@ -581,19 +595,10 @@ def smile_only(args, visual, pretrained, finetuned, store, image_size: int) -> d
 
     from mass_exp.evaluation.predictors import embed
 
-    gen = torch.Generator().manual_seed(args.seed + 7)
-    heads = torch.cat([100.0 * torch.nn.functional.normalize(torch.randn(args.classes, int(visual.output_dim),
-                                                                         generator=gen), dim=-1)
-                       for _ in range(args.tasks)])
     batches = make_batches(args, image_size, args.batches + 1)[1:]
     static_model = visual.eval()
     rss_before = peak_rss_mb()
-
-    def static_pass(images) -> float:
-        with torch.no_grad():
-            t0 = time.perf_counter()
-            (embed(static_model, images) @ heads.T).argmax(-1)
-            return time.perf_counter() - t0
+    static_pass = static_timer(static_model, random_heads(args, visual))
 
     with torch.no_grad():
         embed(static_model, batches[0][0][:2])  # warmup

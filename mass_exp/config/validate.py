@@ -135,6 +135,7 @@ def _tasks(cfg: DictConfig) -> None:
 
 def _method(cfg: DictConfig) -> None:
     from mass_exp.merging.registry import available_mergers, get_merger
+    from mass_exp.routing.config import SAMPLE_ROUTERS
 
     m = cfg.method
     if m.name not in available_mergers():
@@ -164,7 +165,7 @@ def _method(cfg: DictConfig) -> None:
             raise problem("router", cfg.router.name, f"needs a merger of several tasks and method={m.name} is "
                           "per-task", "use router=none")
         trainable = cfg.endpoints.finetune.trainable if cfg.endpoints.source == "mini" else "all"
-        projects = cfg.router.name not in ("nearest_neighbour", "mlp") and not cfg.router.get("oracle_routing")
+        projects = cfg.router.name not in SAMPLE_ROUTERS and not cfg.router.get("oracle_routing")
         if projects and cfg.router.get("routing_param") == "mlp_in" and trainable == "attention":
             raise problem("router.routing_param", "mlp_in", "endpoints.finetune.trainable=attention leaves every "
                           "mlp.c_fc at its pretrained value, so the router has no task subspace to project on",

@@ -148,9 +148,8 @@ def _side(blocks: Sequence[torch.Tensor], side: str, gram: CrossGram | None, rco
     def exact_block(i: int, j: int) -> torch.Tensor:
         return blocks[i].to(torch.float64).T @ blocks[j].to(torch.float64)
 
-    def assemble(block: CrossGram) -> torch.Tensor:
-        rows = [torch.cat([block(side, i, j) if i <= j else block(side, j, i).T for j in range(n)], dim=1)
-                for i in range(n)]
+    def assemble(block: Callable[[int, int], torch.Tensor]) -> torch.Tensor:
+        rows = [torch.cat([block(i, j) if i <= j else block(j, i).T for j in range(n)], dim=1) for i in range(n)]
         return torch.cat(rows, dim=0)
 
     if stack.shape[0] >= stack.shape[1]:
@@ -163,11 +162,11 @@ def _side(blocks: Sequence[torch.Tensor], side: str, gram: CrossGram | None, rco
             if w is None:
                 w, route = two_block_inv_sqrt(exact_block(0, 1), rcond), "gram2"
         else:
-            g = assemble(lambda _s, i, j: fast_block(i, j))
+            g = assemble(fast_block)
             if g.dtype == torch.float32:
                 w, route = inv_sqrt_psd(g, FAST_GRAM_RCOND, dtype=torch.float32), "gram_fast"
             if w is None:
-                w, route = inv_sqrt_psd(assemble(lambda _s, i, j: exact_block(i, j)), rcond), "gram"
+                w, route = inv_sqrt_psd(assemble(exact_block), rcond), "gram"
         if w is not None:
             ORTHO_COUNTS[route] += 1
             return stack, w

@@ -22,6 +22,9 @@ HEAD_SELECTIONS: tuple[str, ...] = ("max", "avg")
 #: which input space of the routing block the router projects on: the MLP's (``mlp.c_fc``, ln_2 output; the paper's)
 #: or the attention's (``attn.in_proj_weight``, ln_1 output)
 ROUTING_PARAMS: tuple[str, ...] = ("mlp_in", "attn_in")
+#: routers built from a few training samples per task (the paper's ablation), which read the first-pass image
+#: embedding instead of projecting a routing block's input
+SAMPLE_ROUTERS: tuple[str, ...] = ("nearest_neighbour", "mlp")
 
 #: Routing block per backbone (0-based), MASS_SPEC step 3.
 DEFAULT_ROUTING_BLOCK: dict[str, int] = {"ViT-B-32": 9, "ViT-B-16": 9, "ViT-L-14": 20}

@@ -66,14 +66,22 @@ def test_first_pass_fn_and_param_name(tiny_visual, images):
     assert dict(tiny_visual.named_parameters())[name].shape == (256, 64)
 
 
-@pytest.mark.parametrize("kwargs", [{"ls_init_value": 0.3}, {"block_type": "custom", "qk_norm": True}])
-def test_layer_scale_and_custom_blocks(kwargs):
+# layer scale and open_clip's custom blocks (qk norm): the block variants routing_tokens must reproduce
+BLOCK_VARIANTS = [{"ls_init_value": 0.3}, {"block_type": "custom", "qk_norm": True}]
+
+
+def _small_visual(**kwargs):
     from open_clip.transformer import VisionTransformer
 
     torch.manual_seed(0)
-    visual = VisionTransformer(
+    return VisionTransformer(
         image_size=16, patch_size=4, width=32, layers=3, heads=2, mlp_ratio=2.0, output_dim=16, **kwargs
     ).eval()
+
+
+@pytest.mark.parametrize("kwargs", BLOCK_VARIANTS)
+def test_layer_scale_and_custom_blocks(kwargs):
+    visual = _small_visual(**kwargs)
     with torch.no_grad():  # make layer scale non-trivial
         for p in visual.parameters():
             if p.dim() == 1 and p.shape[0] == 32:
@@ -180,14 +188,9 @@ def test_attn_in_param_name_and_first_pass_fn(tiny_visual, images):
         routing_tokens(tiny_visual, images, 3, "mlp_out")
 
 
-@pytest.mark.parametrize("kwargs", [{"ls_init_value": 0.3}, {"block_type": "custom", "qk_norm": True}])
+@pytest.mark.parametrize("kwargs", BLOCK_VARIANTS)
 def test_attn_in_layer_scale_and_custom_blocks(kwargs):
-    from open_clip.transformer import VisionTransformer
-
-    torch.manual_seed(0)
-    visual = VisionTransformer(
-        image_size=16, patch_size=4, width=32, layers=3, heads=2, mlp_ratio=2.0, output_dim=16, **kwargs
-    ).eval()
+    visual = _small_visual(**kwargs)
     x = torch.randn(3, 3, 16, 16)
     torch.testing.assert_close(routing_tokens(visual, x, 1, "attn_in"), layer_norm_output_via_hook(visual, x, 1, "ln_1"),
                                rtol=0, atol=1e-5)
