@@ -134,6 +134,7 @@ class MiniPretrain:
     weight_decay: float = key(0.1, NON_NEGATIVE)
     warmup_steps: int = key(30, COUNT)
     class_caption_share: float = key(1.0, UNIT)
+    domain_captions: str = key("caption", one_of("caption", "templates"))
 
 
 @dataclass

@@ -7,6 +7,7 @@ endpoint <- pretrained CLIP + its task's data + fine-tuning settings.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
@@ -48,15 +49,18 @@ class _CaptionedImages(Dataset):
     """Pretraining pairs: an image and one of its task's templates filled with its class name, drawn at random.
 
     A signed image (one that carries its task's visual domain) is captioned with its class only with probability
-    `class_caption_share`, else with its task's domain caption (which names no class): pretraining then learns every
-    task's domain without learning its classes on it, which keeps zero-shot accuracy low.
+    `class_caption_share`, else with a caption that tells its domain but not its class: pretraining then learns every
+    task's domain without learning its classes on it, which keeps zero-shot accuracy low. `domain_tokens` holds the
+    candidate domain captions of each task ((variants, context) per task), one drawn at random: the task's domain
+    caption (`domain_captions=caption`), or its templates filled with a class of the task drawn uniformly, whatever
+    the image shows (`templates`), so that the zero-shot heads' own prompts learn the domain and nothing of the class.
     """
 
     def __init__(self, parts: Sequence[tuple[ImageClassificationDataset, int, int, Any]], tokens: torch.Tensor,
-                 domain_tokens: torch.Tensor, class_caption_share: float, seed: int):
+                 domain_tokens: Sequence[torch.Tensor], class_caption_share: float, seed: int):
         self.items = [(ds, offset, task, bool(signed[i]), i) for ds, offset, task, signed in parts for i in range(len(ds))]
         self.tokens = tokens  # (num global classes, num templates, context)
-        self.domain_tokens = domain_tokens  # (num tasks, context)
+        self.domain_tokens = list(domain_tokens)  # per task: (variants, context)
         self.class_caption_share = class_caption_share
         self.gen = torch.Generator().manual_seed(seed)
 
@@ -67,10 +71,26 @@ class _CaptionedImages(Dataset):
         ds, offset, task, signed, i = self.items[idx]
         image, label = ds[i]
         if signed and self.class_caption_share < 1 and float(torch.rand((), generator=self.gen)) >= self.class_caption_share:
-            return image, self.domain_tokens[task], self.tokens.shape[0] + task  # one positive id per domain caption
+            v = int(torch.randint(len(self.domain_tokens[task]), (1,), generator=self.gen))
+            return image, self.domain_tokens[task][v], self.tokens.shape[0] + task  # one positive id per domain
         g = offset + label
         t = int(torch.randint(self.tokens.shape[1], (1,), generator=self.gen))
         return image, self.tokens[g, t], g
+
+
+def domain_caption_tokens(tasks: Sequence[TaskSpec], tokens: torch.Tensor, tokenizer, mode: str) -> list[torch.Tensor]:
+    """Each task's candidate captions for signed images not captioned by class, as (variants, context) tokens.
+
+    `caption`: the task's one domain caption (e.g. "stripes."). `templates`: every (class, template) prompt of the
+    task, i.e. rows of `tokens` (num global classes, num templates, context); drawn uniformly, whatever the image
+    shows, they carry the task's domain and no information on the class.
+    """
+    if mode == "templates":
+        starts = itertools.accumulate([0] + [t.num_classes for t in tasks])
+        return [tokens[o : o + t.num_classes].flatten(0, 1) for o, t in zip(starts, tasks)]
+    if mode == "caption":
+        return list(tokenizer([get_mini_task(t.name).domain_caption for t in tasks])[:, None])
+    raise ValueError(f"endpoints.pretrain.domain_captions must be caption or templates, got {mode!r}")
 
 
 def _trainer(trainer_cfg: Mapping[str, Any], max_steps: int = -1, max_epochs: int | None = None) -> L.Trainer:
@@ -102,7 +122,7 @@ def pretrain_tiny_clip(arch: str, tasks: Sequence[TaskSpec], data_dirs: Mapping[
             prompts = (prompts * n_templates)[:n_templates]
             all_tokens.append(tokenizer(prompts))
     tokens = torch.stack(all_tokens)
-    domain_tokens = tokenizer([get_mini_task(t.name).domain_caption for t in tasks])
+    domain_tokens = domain_caption_tokens(tasks, tokens, tokenizer, str(cfg.get("domain_captions", "caption")))
     data = _CaptionedImages(parts, tokens, domain_tokens, float(cfg.get("class_caption_share", 1.0)), seed)
     loader = DataLoader(data, batch_size=int(cfg["batch_size"]), shuffle=True, drop_last=True,
                         generator=torch.Generator().manual_seed(seed))
@@ -152,7 +172,7 @@ def finetune_endpoint(arch: str, pretrained: Mapping[str, torch.Tensor], task: T
 
 # recipe keys whose value here means "as before they existed": left out of the cache keys, so caches made before the
 # keys were added stay valid (they produce the same weights)
-NEUTRAL_RECIPE = {"class_caption_share": 1.0, "trainable": "all"}
+NEUTRAL_RECIPE = {"class_caption_share": 1.0, "trainable": "all", "domain_captions": "caption"}
 
 
 def _recipe(cfg: Mapping[str, Any]) -> dict[str, Any]:

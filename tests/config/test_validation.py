@@ -71,6 +71,7 @@ INVALID: dict[str, list[list[str]]] = {
     "endpoints.source": [["endpoints.source=foo"]],
     "endpoints.pretrain.steps": [["endpoints.pretrain.steps=0"]],
     "endpoints.pretrain.class_caption_share": [["endpoints.pretrain.class_caption_share=1.5"]],
+    "endpoints.pretrain.domain_captions": [["endpoints.pretrain.domain_captions=words"]],
     "endpoints.finetune.trainable": [["endpoints.finetune.trainable=mlp"]],
     "endpoints.routing_param": [["endpoints.routing_param=mlp"]],
     "endpoints.pretrain.batch_size": [["endpoints.pretrain.batch_size=0"]],

@@ -131,10 +131,37 @@ def test_pretraining_captions_name_the_class_only_for_a_share_of_signed_images()
 
     signed = np.arange(400) < 200
     tokens = torch.arange(5 * 3 * 2).reshape(5, 3, 2)
-    data = _CaptionedImages([(Images(), 0, 0, signed)], tokens, torch.full((1, 2), -1), 0.25, seed=0)
+    data = _CaptionedImages([(Images(), 0, 0, signed)], tokens, [torch.full((1, 2), -1)], 0.25, seed=0)
     ids = np.array([data[i][2] for i in range(400)])
     assert (ids[200:] < 5).all()  # plain images: always their class
     domain = ids[:200] == 5  # the one domain caption's id comes after the 5 class ids
     assert 0.6 < domain.mean() < 0.9
     samples = [data[i] for i in range(0, 200, 7)]
     assert all(bool((tok == -1).all()) == (pid == 5) for _, tok, pid in samples)
+
+
+def test_template_domain_captions_are_the_task_prompts_with_classes_drawn_uniformly():
+    import torch
+
+    from mass_exp.data.tasks import get_task
+    from mass_exp.endpoints.mini import _CaptionedImages, domain_caption_tokens
+
+    tasks = [get_task("angles"), get_task("gratings")]
+    tokens = torch.arange(10 * 3 * 2).reshape(10, 3, 2)  # 10 global classes x 3 templates x context 2
+    cands = domain_caption_tokens(tasks, tokens, None, "templates")
+    assert [c.shape for c in cands] == [(15, 2), (15, 2)]
+    assert torch.equal(cands[1], tokens[5:10].flatten(0, 1))  # the second task's own prompts, every class
+
+    class Images:
+        def __len__(self):
+            return 3000
+
+        def __getitem__(self, i):
+            return torch.zeros(1), 2  # every image shows class 2
+
+    data = _CaptionedImages([(Images(), 5, 1, np.ones(3000, bool))], tokens, cands, 0.0, seed=0)
+    drawn = [data[i] for i in range(3000)]
+    assert {pid for _, _, pid in drawn} == {10 + 1}  # the domain's id, never a class's
+    classes = np.array([int(tok[0]) // 6 for _, tok, _ in drawn])  # the global class a caption names
+    counts = np.bincount(classes, minlength=10)
+    assert counts[:5].sum() == 0 and (counts[5:] > 450).all()  # the task's 5 classes, about 600 each, class 2 not favoured
