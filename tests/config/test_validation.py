@@ -53,7 +53,7 @@ INVALID: dict[str, list[list[str]]] = {
     "backbone.hf_hub": [["backbone.hf_hub=[a]"]],
     "backbone.quick_gelu": [["backbone.quick_gelu=maybe"]],
     "backbone.routing_block": [["backbone.routing_block=6"], ["backbone.routing_block=-1"],
-                               ["backbone.arch=mass-tiny-ViT-w256-d4"]],  # 4 blocks: the tiny default 4 is outside
+                               ["backbone.routing_block=4"]],  # the default tiny tower has 4 blocks (0-3)
     # suite
     "suite.name": [["suite.name=''"]],
     "suite.tasks": [["suite.tasks=[angles,angles]"], ["suite.tasks=[]"], ["suite.tasks=[nosuchtask]"],
@@ -125,7 +125,7 @@ INVALID: dict[str, list[list[str]]] = {
     "router.name": [["router.name=''"]],
     "router.block": [["router.block=99"], ["router.block=-1"]],
     # the router's input layer; mlp_in on attention-only endpoints leaves it no task subspace (a cross-key rule)
-    "router.routing_param": [["router.routing_param=mlp"], ["endpoints.finetune.trainable=attention"],
+    "router.routing_param": [["router.routing_param=mlp"], ["endpoints.routing_param=mlp_in"],
                              ["endpoints.routing_param=attn_in", "endpoints.finetune.trainable=attention",
                               "router.routing_param=mlp_in"]],
     "router.token": [["router.token=foo"]],
@@ -188,14 +188,15 @@ ISSUE_TABLE = ["eval.batch_size=0", "router.temperature=0", "router.max_tasks=0"
                "eval.max_samples_per_task=-3"]
 
 VALID_EDGES = [["router.threshold=0"], ["router.max_tasks=null"], ["router.threshold=0.999"], ["router.block=0"],
-               ["router.block=5"], ["method.rank=1"], ["eval.max_samples_per_task=1"], ["seed=4294967295"],
+               ["router.block=3"], ["method.rank=1"], ["eval.max_samples_per_task=1"], ["seed=4294967295"],
                ["method=tsv_c", "router=none", "method.rank_fraction=1"], ["trainer.devices=auto"], ["router=none", "method=finetuned"],
                ["method=consensus", "method.lambdas=[0.1,0.2,0.3,0.4,0.5,0.6]"], [*LOCAL], ["suite='8'", *TALL],
                ["endpoints.finetune.trainable=attention", "endpoints.routing_param=attn_in"],
                ["endpoints.finetune.trainable=attention", "router.routing_param=attn_in"],
                ["endpoints.finetune.trainable=attention", "router=oracle"],
                ["endpoints.finetune.trainable=attention", "router=none"],
-               ["backbone.arch=mass-tiny-ViT-w256-d4", "backbone.routing_block=2"]]
+               ["backbone.arch=mass-tiny-ViT", "backbone.routing_block=5"],
+               ["endpoints.finetune.trainable=all", "endpoints.routing_param=mlp_in"]]
 
 
 def _all_keys() -> set[str]:

@@ -10,6 +10,12 @@ from pathlib import Path
 
 # 3 tasks, a few hundred images, a short pretraining: the whole pipeline (generate -> pretrain -> heads ->
 # fine-tune -> merge -> evaluate -> log) in about a minute on 2 CPU cores.
+SMOKE_RECIPE = [
+    "backbone.arch=mass-tiny-ViT", "backbone.routing_block=4",
+    "endpoints.finetune.trainable=all", "endpoints.routing_param=mlp_in", "endpoints.finetune.lr=1e-4",
+    "endpoints.pretrain.class_caption_share=1.0", "endpoints.pretrain.domain_captions=caption",
+    "suite.generator.pretrain_signed_share=0.01",
+]
 SMOKE = [
     "suite.tasks=[angles,ramps,locations]",
     "suite.generator.train_size=320", "suite.generator.validation_size=60", "suite.generator.test_size=101",
@@ -17,6 +23,9 @@ SMOKE = [
     "endpoints.pretrain.steps=40", "endpoints.pretrain.batch_size=64", "endpoints.pretrain.warmup_steps=5",
     "endpoints.finetune.epochs=2", "endpoints.finetune.batch_size=32",
     "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
+    # the previous default recipe (width-128 6-block tower, ordinary fine-tuning, the paper's mlp_in router, plain
+    # pretraining): a quarter of the new default's compute, and it keeps the paper's routing path under test
+    *SMOKE_RECIPE,
 ]
 
 
