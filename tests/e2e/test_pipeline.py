@@ -14,7 +14,7 @@ def test_first_run_writes_complete_results(first_run):
     proc, out = first_run
     (res,) = find_results(out)
     assert res["status"] == "complete"
-    assert res["method"] == "task_arithmetic" and res["alpha"] == pytest.approx(0.1)
+    assert res["method"] == "task_arithmetic" and res["alpha"] == pytest.approx(0.3)  # suite.fixed_alpha of mini
     assert list(res["tasks"]) == ["angles", "ramps", "locations"]
     for name, e in res["tasks"].items():
         assert e["samples"] == 101
