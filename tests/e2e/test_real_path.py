@@ -68,7 +68,8 @@ def fake_world(tmp_path_factory) -> dict:
 
 
 def _overrides(root: Path) -> list[str]:
-    return ["backbone=tiny", "backbone.pretrained=openai", f"backbone.hf_hub={HUB_REPO}", "suite=8", "endpoints=local",
+    return ["backbone=tiny", "backbone.arch=mass-tiny-ViT", "backbone.routing_block=4", "backbone.pretrained=openai",
+            f"backbone.hf_hub={HUB_REPO}", "suite=8", "endpoints=local",
             f"endpoints.pattern='{root}/endpoints/{{task}}/finetuned.*'", f"data.local_pattern='{root}/data/{{task}}'",
             "logger=csv", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false"]
 

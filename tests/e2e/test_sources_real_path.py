@@ -116,7 +116,8 @@ def world(tmp_path_factory) -> dict:
 
 
 def _overrides(root: Path, source: str, suite: str, data: str = "data") -> list[str]:
-    return ["backbone=tiny", "backbone.pretrained=openai", f"backbone.hf_hub={HUB_REPO}", f"suite={suite}",
+    return ["backbone=tiny", "backbone.arch=mass-tiny-ViT", "backbone.routing_block=4", "backbone.pretrained=openai",
+            f"backbone.hf_hub={HUB_REPO}", f"suite={suite}",
             f"endpoints={source}", f"data.local_pattern='{root}/{data}/{{task}}'", "method=task_arithmetic",
             "router=none", "logger=none", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
             "eval.num_workers=0", "resume=false"]
