@@ -71,8 +71,10 @@ class _CaptionedImages(Dataset):
         ds, offset, task, signed, i = self.items[idx]
         image, label = ds[i]
         if signed and self.class_caption_share < 1 and float(torch.rand((), generator=self.gen)) >= self.class_caption_share:
-            v = int(torch.randint(len(self.domain_tokens[task]), (1,), generator=self.gen))
-            return image, self.domain_tokens[task][v], self.tokens.shape[0] + task  # one positive id per domain
+            choices = self.domain_tokens[task]
+            # a single caption draws nothing, so the random stream (and the weights) of `caption` stay as before
+            v = int(torch.randint(len(choices), (1,), generator=self.gen)) if len(choices) > 1 else 0
+            return image, choices[v], self.tokens.shape[0] + task  # one positive id per domain
         g = offset + label
         t = int(torch.randint(self.tokens.shape[1], (1,), generator=self.gen))
         return image, self.tokens[g, t], g

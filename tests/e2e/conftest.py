@@ -8,14 +8,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-# 3 tasks, a few hundred images, a short pretraining: the whole pipeline (generate -> pretrain -> heads ->
-# fine-tune -> merge -> evaluate -> log) in about a minute on 2 CPU cores.
+# the width-128 6-block tiny tower (the default before issue 12), for tests that build their own checkpoints of it
+SMALL_TOWER = ["backbone.arch=mass-tiny-ViT", "backbone.routing_block=4"]
 SMOKE_RECIPE = [
-    "backbone.arch=mass-tiny-ViT", "backbone.routing_block=4",
+    *SMALL_TOWER,
     "endpoints.finetune.trainable=all", "endpoints.routing_param=mlp_in", "endpoints.finetune.lr=1e-4",
     "endpoints.pretrain.class_caption_share=1.0", "endpoints.pretrain.domain_captions=caption",
     "suite.generator.pretrain_signed_share=0.01",
 ]
+# 3 tasks, a few hundred images, a short pretraining: the whole pipeline (generate -> pretrain -> heads ->
+# fine-tune -> merge -> evaluate -> log) in about a minute on 2 CPU cores.
 SMOKE = [
     "suite.tasks=[angles,ramps,locations]",
     "suite.generator.train_size=320", "suite.generator.validation_size=60", "suite.generator.test_size=101",

@@ -16,6 +16,8 @@ from mass_exp.data.tasks import get_tasks, suite_task_names
 from mass_exp.models.clip import create_clip
 from mass_exp.utils.io import save_tensors
 
+from .conftest import SMALL_TOWER
+
 HUB_REPO = "fake-org/tiny-clip.openai"  # stands in for timm/vit_base_patch32_clip_224.openai
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -68,7 +70,7 @@ def fake_world(tmp_path_factory) -> dict:
 
 
 def _overrides(root: Path) -> list[str]:
-    return ["backbone=tiny", "backbone.arch=mass-tiny-ViT", "backbone.routing_block=4", "backbone.pretrained=openai",
+    return ["backbone=tiny", *SMALL_TOWER, "backbone.pretrained=openai",
             f"backbone.hf_hub={HUB_REPO}", "suite=8", "endpoints=local",
             f"endpoints.pattern='{root}/endpoints/{{task}}/finetuned.*'", f"data.local_pattern='{root}/data/{{task}}'",
             "logger=csv", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false"]

@@ -24,6 +24,8 @@ from mass_exp.endpoints.hf_clip import open_clip_to_hf_clip_vision
 from mass_exp.endpoints.sources import FUSION_BENCH_TASK_NAMES
 from mass_exp.models.clip import create_clip
 
+from .conftest import SMALL_TOWER
+
 ARCH = "mass-tiny-ViT"
 HUB_REPO = "fake-org/tiny-clip.openai"
 TASKS20 = suite_task_names("20")
@@ -116,7 +118,7 @@ def world(tmp_path_factory) -> dict:
 
 
 def _overrides(root: Path, source: str, suite: str, data: str = "data") -> list[str]:
-    return ["backbone=tiny", "backbone.arch=mass-tiny-ViT", "backbone.routing_block=4", "backbone.pretrained=openai",
+    return ["backbone=tiny", *SMALL_TOWER, "backbone.pretrained=openai",
             f"backbone.hf_hub={HUB_REPO}", f"suite={suite}",
             f"endpoints={source}", f"data.local_pattern='{root}/{data}/{{task}}'", "method=task_arithmetic",
             "router=none", "logger=none", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
