@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 # the width-128 6-block tiny tower (the default before issue 12), for tests that build their own checkpoints of it
-SMALL_TOWER = ["backbone.arch=mass-tiny-ViT", "backbone.routing_block=4"]
+SMALL_ARCH = "mass-tiny-ViT"
+SMALL_TOWER = [f"backbone.arch={SMALL_ARCH}", "backbone.routing_block=4"]
 SMOKE_RECIPE = [
     *SMALL_TOWER,
     "endpoints.finetune.trainable=all", "endpoints.routing_param=mlp_in", "endpoints.finetune.lr=1e-4",

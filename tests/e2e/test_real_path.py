@@ -16,7 +16,7 @@ from mass_exp.data.tasks import get_tasks, suite_task_names
 from mass_exp.models.clip import create_clip
 from mass_exp.utils.io import save_tensors
 
-from .conftest import SMALL_TOWER
+from .conftest import SMALL_ARCH, SMALL_TOWER
 
 HUB_REPO = "fake-org/tiny-clip.openai"  # stands in for timm/vit_base_patch32_clip_224.openai
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -52,7 +52,7 @@ def _write_dataset(path: Path, classnames: list[str], n_train: int, n_test: int,
 def fake_world(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("real_path")
     torch.manual_seed(0)
-    model, _, _ = create_clip("mass-tiny-ViT", None)
+    model, _, _ = create_clip(SMALL_ARCH, None)
     _write_hub_snapshot(root / "hub", HUB_REPO, {"open_clip_model.safetensors": model.state_dict()})
     visual = model.visual.state_dict()
     tasks = get_tasks(suite_task_names("8"))

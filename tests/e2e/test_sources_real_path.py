@@ -24,9 +24,9 @@ from mass_exp.endpoints.hf_clip import open_clip_to_hf_clip_vision
 from mass_exp.endpoints.sources import FUSION_BENCH_TASK_NAMES
 from mass_exp.models.clip import create_clip
 
-from .conftest import SMALL_TOWER
+from .conftest import SMALL_ARCH, SMALL_TOWER
 
-ARCH = "mass-tiny-ViT"
+ARCH = SMALL_ARCH  # the checkpoints written here must be the tower SMALL_TOWER selects
 HUB_REPO = "fake-org/tiny-clip.openai"
 TASKS20 = suite_task_names("20")
 
