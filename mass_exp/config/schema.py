@@ -151,6 +151,10 @@ class MiniFinetune:
 class MiniEndpoints(EndpointsBase):
     # the routing block's input the projection router reads on these endpoints (router.routing_param's default)
     routing_param: str = key("mlp_in", one_of("mlp_in", "attn_in"))
+    # processes that fine-tune missing endpoints side by side (auto: one per CPU thread on CPU, 1 on a GPU); not
+    # part of any cache key
+    build_workers: Any = key("auto", either(POS_INT, one_of("auto"), why="must be an integer >= 1 or auto",
+                                            todo="set e.g. endpoints.build_workers=1 or auto"))
     pretrain: MiniPretrain = field(default_factory=MiniPretrain)
     finetune: MiniFinetune = field(default_factory=MiniFinetune)
 

@@ -74,6 +74,7 @@ INVALID: dict[str, list[list[str]]] = {
     "endpoints.pretrain.domain_captions": [["endpoints.pretrain.domain_captions=words"]],
     "endpoints.finetune.trainable": [["endpoints.finetune.trainable=mlp"]],
     "endpoints.routing_param": [["endpoints.routing_param=mlp"]],
+    "endpoints.build_workers": [["endpoints.build_workers=0"], ["endpoints.build_workers=many"]],
     "endpoints.pretrain.batch_size": [["endpoints.pretrain.batch_size=0"]],
     "endpoints.pretrain.lr": [["endpoints.pretrain.lr=0"]],
     "endpoints.pretrain.weight_decay": [["endpoints.pretrain.weight_decay=-1"]],
@@ -196,7 +197,8 @@ VALID_EDGES = [["router.threshold=0"], ["router.max_tasks=null"], ["router.thres
                ["endpoints.finetune.trainable=attention", "router=oracle"],
                ["endpoints.finetune.trainable=attention", "router=none"],
                ["backbone.arch=mass-tiny-ViT", "backbone.routing_block=5"],
-               ["endpoints.finetune.trainable=all", "endpoints.routing_param=mlp_in"]]
+               ["endpoints.finetune.trainable=all", "endpoints.routing_param=mlp_in"],
+               ["endpoints.build_workers=1"], ["endpoints.build_workers=4"]]
 
 
 def _all_keys() -> set[str]:
