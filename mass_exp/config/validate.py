@@ -114,6 +114,7 @@ def _backbone(cfg: DictConfig) -> None:
 
 
 def _tasks(cfg: DictConfig) -> None:
+    from mass_exp.data.mini import MINI_TASKS
     from mass_exp.data.tasks import get_task
 
     for name in cfg.suite.tasks:
@@ -121,11 +122,9 @@ def _tasks(cfg: DictConfig) -> None:
             get_task(str(name))
         except ConfigError:
             raise problem("suite.tasks", list(cfg.suite.tasks), f"{name!r} is not a known task",
-                          "use the tasks of mass_exp/resources/tasks.json or the mini tasks (angles, gratings, ramps, "
-                          "textures, locations, counts)") from None
+                          "use the tasks of mass_exp/resources/tasks.json or the mini tasks "
+                          f"({', '.join(MINI_TASKS)})") from None
     if cfg.endpoints.source == "mini":
-        from mass_exp.data.mini import MINI_TASKS
-
         real = [t for t in cfg.suite.tasks if t not in MINI_TASKS]
         if real:
             raise problem("suite.tasks", list(cfg.suite.tasks), f"endpoints=mini has endpoints for the generated "

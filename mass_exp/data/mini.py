@@ -3,8 +3,8 @@
 Why it looks like this (see README, "The mini benchmark"): MASS only helps when a single image reveals its task, as
 MNIST digits vs satellite photos vs textures do in the real benchmark. So every task here carries its own *visual
 domain* (a narrow hue window and a noise type of its own) on top of a class signal carried by global image statistics
-(orientation, spatial frequency, ramp direction, texture family, position, count), which a patch-8 ViT learns from
-a few thousand images. Class names and prompt templates share no word across tasks, so a wrong task's head cannot win
+(orientation, spatial frequency, ramp direction, texture family, position, count; shape and ring size for the two
+tasks appended for an 8-task suite), which a patch-8 ViT learns from a few thousand images. Class names and prompt templates share no word across tasks, so a wrong task's head cannot win
 on a shared token. Pretraining images are *plain* (random colours, no noise); only a small share carry the task
 signature, which keeps zero-shot accuracy well below the fine-tuned endpoints.
 """
@@ -127,6 +127,41 @@ def render_count(rng: np.random.Generator, labels: np.ndarray, size: int) -> np.
     return out
 
 
+def render_shape(rng: np.random.Generator, labels: np.ndarray, size: int) -> np.ndarray:
+    """One filled shape near the centre: circle, box, triangle (apex up), cross, diamond."""
+    x, y = _grid(size)
+    out = np.empty((len(labels), size, size))
+    for i, lab in enumerate(labels):
+        cx, cy = rng.uniform(-0.12, 0.12, 2)
+        r = rng.uniform(0.45, 0.6)
+        dx, dy = x - cx, y - cy
+        if lab == 0:
+            g = np.hypot(dx, dy) < r
+        elif lab == 1:
+            g = np.maximum(np.abs(dx), np.abs(dy)) < 0.85 * r
+        elif lab == 2:  # apex at the top (y grows downwards)
+            g = (dy < 0.7 * r) & (np.abs(dx) < 0.6 * (dy + r))
+        elif lab == 3:
+            g = ((np.abs(dx) < 0.3 * r) & (np.abs(dy) < r)) | ((np.abs(dy) < 0.3 * r) & (np.abs(dx) < r))
+        else:
+            g = np.abs(dx) + np.abs(dy) < 1.1 * r
+        out[i] = g
+    return out
+
+
+_RING_RADII = np.array([0.15, 0.3, 0.45, 0.62, 0.8])
+
+
+def render_size(rng: np.random.Generator, labels: np.ndarray, size: int) -> np.ndarray:
+    """One ring near the centre whose radius is the class (thickness fixed)."""
+    x, y = _grid(size)
+    n = len(labels)
+    centre = rng.uniform(-0.08, 0.08, (n, 2))
+    radius = (_RING_RADII[labels] * rng.uniform(0.94, 1.06, n))[:, None, None]
+    d = np.hypot(x - centre[:, 0, None, None], y - centre[:, 1, None, None])
+    return np.clip(1.0 - np.abs(d - radius) / 0.09, 0, 1)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Visual domains: each task's signature (hue window + noise type). Pretraining images are plain (no signature).
 
@@ -134,7 +169,7 @@ def render_count(rng: np.random.Generator, labels: np.ndarray, size: int) -> np.
 # Strength of the domain signatures. Strong enough that a model pretrained on plain images does not transfer
 # (zero-shot falls well below the fine-tuned endpoints), weak enough that fine-tuning still learns the classes.
 NOISE_LEVEL = {"salt_pepper": 0.2, "block": 0.25, "channel_gaussian": 0.2, "speckle": 0.6,
-               "column_scanlines": 0.3, "row_scanlines": 0.3}
+               "column_scanlines": 0.3, "row_scanlines": 0.3, "vignette": 0.8, "diagonal_scanlines": 0.35}
 # signed images also have less contrast than plain ones (brightness ranges of foreground and background colours)
 DOMAIN_VALUE = {"fg": (0.55, 0.85), "bg": (0.15, 0.45)}
 
@@ -160,6 +195,12 @@ def _noise(kind: str, rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
     elif kind == "row_scanlines":
         img = img.copy()
         img[:, ::2, :, :] *= level
+    elif kind == "vignette":  # corners darkened: brightness falls with the squared distance from the centre
+        xg, yg = _grid(s)
+        img = img * (1 - level * (xg**2 + yg**2) / 2)[None, :, :, None]
+    elif kind == "diagonal_scanlines":  # every third anti-diagonal darkened
+        rows, cols = np.indices((s, s))
+        img = img * np.where((rows + cols) % 3 == 0, level, 1.0)[None, :, :, None]
     else:
         raise ValueError(f"unknown noise type {kind!r}")
     return np.clip(img, 0, 1)
@@ -238,6 +279,20 @@ MINI_TASKS: dict[str, MiniTask] = {
             ("single", "pair", "triple", "quadruple", "quintuple"),
             ("a {c} of squares.", "{c} squares.", "a photo showing a {c} of squares."),
             render_count, (0.79, 0.87), "row_scanlines", "some squares.",
+        ),
+        # the two tasks after the first six (8 like the paper's smallest suite: suite.tasks=[..., shapes, sizes]);
+        # appended, so the first six keep their random streams and cached datasets
+        MiniTask(
+            "shapes",
+            ("circle", "box", "triangle", "cross", "diamond"),
+            ("a {c} shape.", "a photo of a {c} shape.", "a {c} silhouette."),
+            render_shape, (0.065, 0.105), "vignette", "a shape.",
+        ),
+        MiniTask(
+            "sizes",
+            ("tiny", "small", "midsize", "big", "huge"),
+            ("a {c} ring.", "a photo of a {c} ring.", "one {c} hoop."),
+            render_size, (0.565, 0.605), "diagonal_scanlines", "a hoop.",
         ),
     ]
 }

@@ -165,3 +165,44 @@ def test_template_domain_captions_are_the_task_prompts_with_classes_drawn_unifor
     classes = np.array([int(tok[0]) // 6 for _, tok, _ in drawn])  # the global class a caption names
     counts = np.bincount(classes, minlength=10)
     assert counts[:5].sum() == 0 and (counts[5:] > 450).all()  # the task's 5 classes, about 600 each, class 2 not favoured
+
+
+# sha256 of (images, labels) of generate_split(task, "test", 20, seed 0, 32 px), before `shapes` and `sizes` were
+# appended: the first six tasks (and so the default benchmark's cached datasets and weights) must not change
+FIRST_SIX_TEST_SPLIT = {"angles": "45a2c0e56555489c", "gratings": "e74ba2cbda411ae3", "ramps": "1a6310dbf75018ec",
+                        "textures": "ceca67d11397d57e", "locations": "25ac0fc8c9a04fe2", "counts": "cde0f3c810df991b"}
+
+
+def test_appended_tasks_leave_the_first_six_unchanged():
+    import hashlib
+
+    assert list(MINI_TASKS)[:6] == list(FIRST_SIX_TEST_SPLIT) and len(MINI_TASKS) == 8
+    for name, digest in FIRST_SIX_TEST_SPLIT.items():
+        im, lab = generate_split(MINI_TASKS[name], "test", 20, 0, 32, 0.0)
+        assert hashlib.sha256(im.tobytes() + lab.tobytes()).hexdigest()[:16] == digest, name
+
+
+def test_shapes_and_sizes_render_their_class():
+    from mass_exp.data.mini import render_shape, render_size
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(5), 40)
+    # sizes: the ring's mean distance from the centre grows with the class
+    g = render_size(rng, labels, 32)
+    c = (np.arange(32) + 0.5) / 16 - 1
+    d = np.hypot(*np.meshgrid(c, c, indexing="ij"))
+    radius = (g * d).sum((1, 2)) / g.sum((1, 2))
+    means = [radius[labels == k].mean() for k in range(5)]
+    assert all(a + 0.08 < b for a, b in zip(means, means[1:])), means
+    for k in range(4):  # and the classes do not overlap
+        assert radius[labels == k].max() < radius[labels == k + 1].min(), k
+    # shapes: the class-mean masks differ pairwise by more than two halves of one class differ (each class draws
+    # its own figure at a jittered place and size)
+    s = render_shape(rng, np.repeat(np.arange(5), 200), 32)
+    assert set(np.unique(s)) <= {0.0, 1.0}
+    per_class = s.reshape(5, 200, 32, 32)
+    mean = per_class.mean(1)
+    noise = max(np.abs(c[:100].mean(0) - c[100:].mean(0)).mean() for c in per_class)
+    for a in range(5):
+        for b in range(a + 1, 5):
+            assert np.abs(mean[a] - mean[b]).mean() > 2 * noise, (a, b, noise)
