@@ -93,7 +93,7 @@ def _mini_assets(cfg: DictConfig, tasks: list[TaskSpec]) -> Assets:
     mini = prepare_mini_assets(
         cfg.backbone.arch, tasks, OmegaConf.to_container(cfg.suite.generator), OmegaConf.to_container(cfg.endpoints.pretrain),
         OmegaConf.to_container(cfg.endpoints.finetune), OmegaConf.to_container(cfg.trainer), cache, seed=int(cfg.seed),
-        workers=cfg.endpoints.get("build_workers", 1),
+        workers=cfg.endpoints.build_workers,
     )
     model, preprocess, tokenizer = create_clip(cfg.backbone.arch, None)
     model.load_state_dict(load_tensors(mini.pretrained_file))

@@ -29,6 +29,7 @@ def _steps(arch: str, trainable: str, batch: int, steps: int, threads: int, warm
     import torch.nn.functional as F
 
     from mass_exp.endpoints.mini import TRAINABLE
+    from mass_exp.finetune.modules import FinetuneModule
     from mass_exp.models.clip import create_clip
 
     torch.set_num_threads(threads)
@@ -37,12 +38,14 @@ def _steps(arch: str, trainable: str, batch: int, steps: int, threads: int, warm
     visual = model.visual.train()
     for name, p in visual.named_parameters():
         p.requires_grad_(TRAINABLE[trainable](name))
-    head = F.normalize(torch.randn(5, model.text_projection.shape[1]), dim=-1)
+    # the fine-tune's own module: logits against a frozen head, its optimizer (AdamW at the recipe's lr)
+    head = 100 * F.normalize(torch.randn(5, model.text_projection.shape[1]), dim=-1)
+    module = FinetuneModule(visual, head, lr=3e-5, weight_decay=0.0, warmup_steps=0, max_steps=warmup + steps)
+    opt = module.configure_optimizers()["optimizer"]
     x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 5, (batch,))
-    opt = torch.optim.AdamW([p for p in visual.parameters() if p.requires_grad], lr=3e-5)
 
     def step() -> None:
-        loss = F.cross_entropy(100 * F.normalize(visual(x), dim=-1) @ head.T, y)
+        loss = F.cross_entropy(module.logits(x), y)
         opt.zero_grad()
         loss.backward()
         opt.step()

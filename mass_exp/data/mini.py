@@ -4,8 +4,8 @@ Why it looks like this (see README, "The mini benchmark"): MASS only helps when 
 MNIST digits vs satellite photos vs textures do in the real benchmark. So every task here carries its own *visual
 domain* (a narrow hue window and a noise type of its own) on top of a class signal carried by global image statistics
 (orientation, spatial frequency, ramp direction, texture family, position, count; shape and ring size for the two
-tasks appended for an 8-task suite), which a patch-8 ViT learns from a few thousand images. Class names and prompt templates share no word across tasks, so a wrong task's head cannot win
-on a shared token. Pretraining images are *plain* (random colours, no noise); only a small share carry the task
+tasks appended for an 8-task suite), which a patch-8 ViT learns from a few thousand images. Class names and prompt
+templates share no word across tasks, so a wrong task's head cannot win on a shared token. Pretraining images are *plain* (random colours, no noise); only a small share carry the task
 signature, which keeps zero-shot accuracy well below the fine-tuned endpoints.
 """
 

@@ -193,9 +193,10 @@ def build_workers(setting: int | str, missing: int, trainer_cfg: Mapping[str, An
     """How many processes fine-tune the `missing` endpoints at once (`endpoints.build_workers`).
 
     `auto`: on CPU, one per intra-op thread torch may use (OMP_NUM_THREADS), at most one per missing endpoint, the
-    threads split between them: on 2 cores, two one-thread fine-tunes side by side make 1.2-1.5x the steps per second
-    of one on two threads (scripts/bench_build_workers.py; the six default endpoints: 211 s instead of 314 s). 1 on a GPU (`auto` finds one, or trainer.accelerator asks for it), and 1 when the
-    fine-tunes see fewer than PARALLEL_MIN_IMAGES training images in all (`images`).
+    threads split between them (on 2 cores the six default endpoints took 1.2-1.5x less time than one after the
+    other on two threads; scripts/bench_build_workers.py measures the per-step ratio). 1 on a GPU (`auto` finds one,
+    or trainer.accelerator asks for it), and 1 when the fine-tunes see fewer than PARALLEL_MIN_IMAGES training images
+    in all (`images`).
     """
     if setting != "auto":
         return max(1, min(int(setting), missing))
@@ -220,7 +221,8 @@ class _FinetuneJob:
     key: str
 
 
-def _run_finetune_job(job: _FinetuneJob, pretrained: Mapping[str, torch.Tensor] | None = None) -> tuple[str, float, float]:
+def _run_finetune_job(job: _FinetuneJob, pretrained: Mapping[str, torch.Tensor] | None = None
+                      ) -> tuple[str, float, float]:
     """Fine-tune one endpoint and write it atomically; returns (task, validation accuracy, seconds)."""
     t0 = time.time()
     pretrained = pretrained if pretrained is not None else load_tensors(job.pretrained_file)

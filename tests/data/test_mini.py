@@ -202,7 +202,7 @@ def test_shapes_and_sizes_render_their_class():
     assert set(np.unique(s)) <= {0.0, 1.0}
     per_class = s.reshape(5, 200, 32, 32)
     mean = per_class.mean(1)
-    noise = max(np.abs(c[:100].mean(0) - c[100:].mean(0)).mean() for c in per_class)
+    noise = max(np.abs(one[:100].mean(0) - one[100:].mean(0)).mean() for one in per_class)
     for a in range(5):
         for b in range(a + 1, 5):
             assert np.abs(mean[a] - mean[b]).mean() > 2 * noise, (a, b, noise)
