@@ -135,6 +135,9 @@ class MiniPretrain:
     warmup_steps: int = key(30, COUNT)
     class_caption_share: float = key(1.0, UNIT)
     domain_captions: str = key("caption", one_of("caption", "templates"))
+    # share of each image's patches dropped at random in every pretraining step (FLIP; open_clip's patch_dropout);
+    # fine-tuning and evaluation see every patch
+    patch_dropout: float = key(0.0, number(0, 1, hi_open=True))
 
 
 @dataclass
@@ -145,6 +148,9 @@ class MiniFinetune:
     weight_decay: float = key(0.0, NON_NEGATIVE)
     warmup_steps: int = key(10, COUNT)
     trainable: str = key("all", one_of("all", "attention", "attention_mlp_in"))
+    # train the tower's first-order Taylor expansion around θ_pre in the trainable parameters (linearised,
+    # tangent-space fine-tuning, Ortiz-Jimenez et al. 2023); the endpoint is θ_pre + the trained offset
+    linearized: bool = key(False)
 
 
 @dataclass

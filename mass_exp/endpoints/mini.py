@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from mass_exp.data.datasets import ImageClassificationDataset, build_mini_task, load_split, mini_dataset_key
 from mass_exp.data.mini import get_mini_task, signed_mask
 from mass_exp.data.tasks import TaskSpec
+from mass_exp.finetune.linearized import LinearizedModel
 from mass_exp.finetune.modules import ContrastivePretrainModule, FinetuneModule
 from mass_exp.models.clip import create_clip
 from mass_exp.models.heads import build_zeroshot_head
@@ -131,9 +132,15 @@ def pretrain_tiny_clip(arch: str, tasks: Sequence[TaskSpec], data_dirs: Mapping[
                         generator=torch.Generator().manual_seed(seed))
     steps = int(cfg["steps"])
     module = ContrastivePretrainModule(model, float(cfg["lr"]), float(cfg["weight_decay"]), int(cfg["warmup_steps"]), steps)
+    patch_dropout = float(cfg.get("patch_dropout", 0.0))
+    if patch_dropout > 0:  # the CLS token is kept; PatchDropout is a no-op outside training
+        from open_clip.transformer import PatchDropout
+
+        model.visual.patch_dropout = PatchDropout(patch_dropout)
     model.train()
     t0 = time.time()
     _trainer(trainer_cfg, max_steps=steps).fit(module, loader)
+    model.visual.patch_dropout = torch.nn.Identity()
     model.eval()
     with torch.no_grad():  # OpenAI CLIP's temperature; the frozen heads are scaled by it (MINI_BENCHMARK notes)
         model.logit_scale.fill_(OPENAI_LOGIT_SCALE)
@@ -161,21 +168,27 @@ def finetune_endpoint(arch: str, pretrained: Mapping[str, torch.Tensor], task: T
     trainable = str(cfg.get("trainable", "all"))
     if trainable not in TRAINABLE:
         raise ValueError(f"endpoints.finetune.trainable must be one of {sorted(TRAINABLE)}, got {trainable!r}")
-    for name, p in visual.named_parameters():
-        p.requires_grad_(TRAINABLE[trainable](name))
-    module = FinetuneModule(visual, head, float(cfg["lr"]), float(cfg["weight_decay"]), int(cfg["warmup_steps"]), steps)
+    if cfg.get("linearized", False):  # train the tower's first-order expansion around θ_pre (tangent space)
+        trained = LinearizedModel(visual, TRAINABLE[trainable])
+    else:
+        trained = visual
+        for name, p in visual.named_parameters():
+            p.requires_grad_(TRAINABLE[trainable](name))
+    module = FinetuneModule(trained, head, float(cfg["lr"]), float(cfg["weight_decay"]), int(cfg["warmup_steps"]), steps)
     trainer = _trainer(trainer_cfg, max_epochs=int(cfg["epochs"]))
     trainer.fit(module, train_loader, val_loader)
     visual.eval()
+    state = trained.endpoint_state_dict() if isinstance(trained, LinearizedModel) else visual.state_dict()
     for p in visual.parameters():
         p.requires_grad_(True)
     val_acc = float(trainer.callback_metrics.get("finetune/val_acc", torch.tensor(float("nan"))))
-    return {k: v.detach().cpu() for k, v in visual.state_dict().items()}, val_acc
+    return {k: v.detach().cpu() for k, v in state.items()}, val_acc
 
 
 # recipe keys whose value here means "as before they existed": left out of the cache keys, so caches made before the
 # keys were added stay valid (they produce the same weights)
-NEUTRAL_RECIPE = {"class_caption_share": 1.0, "trainable": "all", "domain_captions": "caption"}
+NEUTRAL_RECIPE = {"class_caption_share": 1.0, "trainable": "all", "domain_captions": "caption", "patch_dropout": 0.0,
+                  "linearized": False}
 
 
 def _recipe(cfg: Mapping[str, Any]) -> dict[str, Any]:
