@@ -7,6 +7,7 @@ endpoint <- pretrained CLIP + its task's data + fine-tuning settings.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -14,7 +15,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import lightning as L
 import torch
@@ -105,6 +106,22 @@ def _trainer(trainer_cfg: Mapping[str, Any], max_steps: int = -1, max_epochs: in
     )
 
 
+@contextlib.contextmanager
+def patch_dropout(model: torch.nn.Module, prob: float) -> Iterator[None]:
+    """Drop a share `prob` of the image tower's patch tokens (the class token kept) in training-mode forwards, for the
+    duration of the block; every patch is seen again afterwards (`endpoints.pretrain.patch_dropout`)."""
+    if prob <= 0:
+        yield
+        return
+    from open_clip.transformer import PatchDropout
+
+    model.visual.patch_dropout = PatchDropout(prob)
+    try:
+        yield
+    finally:
+        model.visual.patch_dropout = torch.nn.Identity()
+
+
 def pretrain_tiny_clip(arch: str, tasks: Sequence[TaskSpec], data_dirs: Mapping[str, Path], cfg: Mapping[str, Any],
                        trainer_cfg: Mapping[str, Any], seed: int,
                        generator: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor]:
@@ -132,15 +149,10 @@ def pretrain_tiny_clip(arch: str, tasks: Sequence[TaskSpec], data_dirs: Mapping[
                         generator=torch.Generator().manual_seed(seed))
     steps = int(cfg["steps"])
     module = ContrastivePretrainModule(model, float(cfg["lr"]), float(cfg["weight_decay"]), int(cfg["warmup_steps"]), steps)
-    patch_dropout = float(cfg.get("patch_dropout", 0.0))
-    if patch_dropout > 0:  # the CLS token is kept; PatchDropout is a no-op outside training
-        from open_clip.transformer import PatchDropout
-
-        model.visual.patch_dropout = PatchDropout(patch_dropout)
     model.train()
     t0 = time.time()
-    _trainer(trainer_cfg, max_steps=steps).fit(module, loader)
-    model.visual.patch_dropout = torch.nn.Identity()
+    with patch_dropout(model, float(cfg.get("patch_dropout", 0.0))):
+        _trainer(trainer_cfg, max_steps=steps).fit(module, loader)
     model.eval()
     with torch.no_grad():  # OpenAI CLIP's temperature; the frozen heads are scaled by it (MINI_BENCHMARK notes)
         model.logit_scale.fill_(OPENAI_LOGIT_SCALE)
