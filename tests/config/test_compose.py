@@ -46,7 +46,7 @@ def test_every_option_composes(group, option):
         assert OmegaConf.get_type(composed[group]) in GROUP_SCHEMAS[group].values(), (group, option)
 
 
-@pytest.mark.parametrize("backbone,suite", [("tiny", "mini"), ("ViT-B-32", "8"), ("ViT-B-16", "14"), ("ViT-L-14", "20")])
+@pytest.mark.parametrize("backbone,suite", [("tiny", "mini"), ("tiny", "mini8"), ("ViT-B-32", "8"), ("ViT-B-16", "14"), ("ViT-L-14", "20")])
 @pytest.mark.parametrize("method", _options("method"))
 def test_method_alphas_resolve_for_every_backbone_and_suite(backbone, suite, method):
     cfg = _resolve(_compose([f"backbone={backbone}", f"suite='{suite}'", f"method={method}"]))

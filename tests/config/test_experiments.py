@@ -132,6 +132,23 @@ def test_main_table_mini():
         assert c["logger"]["group"] == "main_table_mini"
 
 
+def test_main_table_mini_on_eight_tasks():
+    """`+experiment=main_table_mini suite=mini8` (README, "The mini benchmark on 8 tasks"): the command line's suite
+    wins over the preset's, every job runs the 8 tasks with mini8's own fixed coefficients."""
+    cfgs = _compose_all(_jobs("main_table_mini", ["suite=mini8"]))
+    assert len(cfgs) == PER_COL
+    for c in cfgs:
+        assert (c["suite"]["name"], len(c["suite"]["tasks"]), c["endpoints"]["source"]) == ("mini8", 8, "mini")
+        if c["method"]["name"] in ("task_arithmetic", "ties", "consensus", "iso_c", "iso_cts") and \
+                c["method"]["alpha_protocol"] == "fixed":
+            assert c["method"]["alpha"] == pytest.approx(float(_mini8_alpha(c["method"]["name"])))
+
+
+def _mini8_alpha(method: str) -> float:
+    fixed = OmegaConf.load(CONF / "suite" / "mini8.yaml").fixed_alpha[method]
+    return fixed["tiny"] if isinstance(fixed, dict) or OmegaConf.is_dict(fixed) else fixed
+
+
 def test_router_ablation_changes_one_knob_per_row():
     cfgs = _compose_all(_jobs("router_ablation"))
     assert len(cfgs) == 3 * 14
